@@ -1,0 +1,43 @@
+# uad_study: the README's commands. `make demo` and `make test` set everything up on a fresh clone.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.uad_study-installed
+PYTHON ?= python3
+
+.PHONY: help venv demo smoke test sync nbtest pytest clean-runs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+# The environment: re-installed when pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create/update .venv with the package and its pinned dependencies
+
+demo: $(STAMP)  ## run the quickstart study on the embedded phantom (runs/demo)
+	$(BIN)/uad-study demo --out runs/demo --resume
+
+smoke: $(STAMP)  ## the quickstart at its tiny CI size (runs/smoke)
+	$(BIN)/uad-study demo --profile smoke --out runs/smoke --overwrite
+
+sync: $(STAMP)  ## notebooks and library in sync: nbdev-export must not change uad_study/
+	$(BIN)/nbdev-export
+	@git diff --exit-code --stat -- uad_study || { echo "uad_study/ differs from what the notebooks export: run nbdev-export and commit, never edit uad_study/ by hand"; exit 1; }
+	@test -z "$$(git status --porcelain --untracked-files=all -- uad_study)" || { git status --short -- uad_study; echo "nbdev-export created files that are not committed"; exit 1; }
+
+nbtest: $(STAMP)  ## run the library notebooks' cells as tests (study chapters run under papermill in pytest)
+	$(BIN)/nbdev-test --n-workers 2 --skip-file-re '^2[0-9]_study_'
+
+pytest: $(STAMP)  ## pytest: unit tests, bad inputs, determinism, and a papermill smoke run of every study chapter
+	$(BIN)/pytest -q
+
+test: sync nbtest pytest  ## every check: sync, notebook tests, pytest (incl. papermill smoke runs)
+
+clean-runs:  ## delete runs/ (run folders); data caches in data/ are kept
+	rm -rf runs

@@ -1,0 +1,38 @@
+"The uad-study console script: help texts and clear errors."
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uad_study.cli import build_parser, main
+
+BIN = Path(sys.executable).parent / "uad-study"
+
+
+def test_console_script_help():
+    out = subprocess.run([str(BIN), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "demo" in out and "phantom" in out and "Examples" in out
+    out = subprocess.run([str(BIN), "demo", "--help"], capture_output=True, text=True, check=True).stdout
+    for opt in ("--profile", "--out", "--epochs", "--resolution", "--seed", "--resume", "--overwrite", "--ixi-root"):
+        assert opt in out
+
+
+def test_resume_and_overwrite_are_exclusive():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--resume", "--overwrite"])
+
+
+def test_bad_data_root_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["demo", "--profile", "smoke", "--ixi-root", str(tmp_path / "nowhere"), "--brats-root", str(tmp_path),
+               "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "IXI root must be a folder" in err and "nowhere" in err
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"; run.mkdir(); (run / "keep.txt").write_text("mine")
+    rc = main(["demo", "--profile", "smoke", "--out", str(run), "--no-progress"])
+    assert rc == 2 and "pass resume=True" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "mine"
