@@ -109,3 +109,15 @@ def test_finders_on_layouts(tmp_path):
         find_brats2020(tmp_path / "B")
     with pytest.raises(UADInputError, match="no BraTS20_\\* subject folder"):
         find_brats2020(tmp_path / "IXI")
+
+
+def test_real_glioma_volume_reads_in_ras(realdata):
+    "Real BraTS-preprocessed data (LPS, int16 with small negative values) loads in RAS+ and its label agrees."
+    d = realdata / "glioma-tcga" / "TCGA-DU-7294"
+    img, seg = d / "TCGA-DU-7294_t2_bet.nii.gz", d / "TCGA-DU-7294_seg_fusion_mav.nii.gz"
+    check_same_grid(img, seg)
+    v, im = load_volume(img)
+    assert nib.aff2axcodes(im.affine) == ("R", "A", "S")
+    assert v.shape == (240, 240, 155) and v.dtype == np.float32
+    labels = set(np.unique(load_volume(seg)[0]).astype(int))
+    assert labels <= {0, 1, 2, 4} and len(labels) > 1
