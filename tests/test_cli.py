@@ -36,3 +36,14 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     rc = main(["demo", "--profile", "smoke", "--out", str(run), "--no-progress"])
     assert rc == 2 and "pass resume=True" in capsys.readouterr().err
     assert (run / "keep.txt").read_text() == "mine"
+
+
+def test_data_check_help():
+    out = subprocess.run([str(BIN), "data", "check", "--help"], capture_output=True, text=True, check=True).stdout
+    for opt in ("--dataset", "--images", "--labels", "--masks", "--modalities", "--label-values", "--annotations", "Examples"):
+        assert opt in out
+
+
+def test_data_check_missing_folder_exits_nonzero(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: dataset root must be a folder" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The `uad-study` command: `uad-study demo` runs the quickstart study (what `make demo` calls), `uad-study phantom` generates the embedded data. `uad-study --help` and `uad-study COMMAND --help` explain every option.
+"""The `uad-study` command: `uad-study demo` runs the quickstart study (what `make demo` calls), `uad-study phantom` generates the embedded data, `uad-study data check PATH` validates a real dataset folder. `uad-study --help` and `uad-study COMMAND --help` explain every option.
 
 Docs: https://uad-study.github.io/uad_study/cli.html.md"""
 
@@ -16,7 +16,7 @@ from .core import UADInputError
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/13_cli.ipynb #6940d29b
+# %% ../nbs/13_cli.ipynb #01a6df85
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `uad-study` with its sub-commands."
     p = argparse.ArgumentParser(prog="uad-study", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  uad-study demo                      # quickstart on the embedded phantom (CPU: ~10 min)\n"
                "  uad-study demo --profile smoke      # the tiny CI version (~1 min)\n"
                "  uad-study demo --ixi-root /data/IXI-T2 --brats-root /data/BraTS2020 --out runs/real\n"
+               "  uad-study data check /data/BraTS2020 # validate a real dataset folder before using it\n"
                "  uad-study phantom --n-healthy 4     # only generate embedded data")
     p.add_argument("--version", action="version", version=f"uad_study {uad_study.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -55,9 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--n-tumour", type=int, default=8)
     ph.add_argument("--spacing-mm", type=float, default=1.0)
     ph.add_argument("--no-progress", action="store_true")
+
+    da = sub.add_parser("data", help="work with real datasets: `uad-study data check PATH`",
+                        description="Work with real datasets in their original layouts and file names.")
+    dsub = da.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dc = dsub.add_parser("check", help="validate a dataset folder and summarise it (exit 1 when anything is wrong)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Find the subjects under PATH (a named layout, detected from the file names or given with "
+                                     "--dataset, or any NIfTI folder matched by --images/--labels/--masks globs), read every "
+                                     "file and print how many subjects there are, their modalities, shapes, spacings, "
+                                     "orientations and label values, and every problem (one line each, naming the file, the "
+                                     "rule and the value). Nothing is written. Exits 0 when all is well, 1 otherwise.",
+                         epilog="Examples:\n  uad-study data check /data/MICCAI_BraTS2020_TrainingData\n"
+                                "  uad-study data check /data/IXI --dataset ixi --modalities T2\n"
+                                "  uad-study data check /data/mine --images '*/*_flair.nii.gz' --labels '*/*_seg.nii.gz'\n"
+                                "  uad-study data check /data/mine --images flair='*/*_flair.nii.gz' --images t2='*/*_t2.nii.gz'\n"
+                                "  uad-study data check /data/fastMRI/brain --dataset fastmri --annotations brain.csv")
+    dc.add_argument("path", help="the dataset folder")
+    dc.add_argument("--dataset", choices=["auto", "ixi", "brats", "atlas", "mslub", "fastmri", "nifti"], default=None,
+                    help="layout (default: detected from the file names; 'nifti' when --images is given)")
+    dc.add_argument("--images", action="append", metavar="[MODALITY=]GLOB",
+                    help="glob (relative to PATH) for the images; repeat as MOD=GLOB for several modalities")
+    dc.add_argument("--labels", metavar="GLOB", help="glob for the labels (matched to images by subject id)")
+    dc.add_argument("--masks", metavar="GLOB", help="glob for brain masks (matched to images by subject id)")
+    dc.add_argument("--modalities", nargs="+", help="required modalities (ixi, brats, mslub)")
+    dc.add_argument("--label-values", nargs="+", type=int, help="allowed label values (default: the dataset's own set)")
+    dc.add_argument("--annotations", help="fastMRI+ annotation CSV (default: the one CSV under PATH)")
+    dc.add_argument("--table", action="store_true", help="also print one row per subject")
     return p
 
-# %% ../nbs/13_cli.ipynb #fa76fe32
+# %% ../nbs/13_cli.ipynb #763d4eb0
 def _demo(a) -> int:
     from uad_study.study import quickstart_config, run_quickstart
     kw = {k: getattr(a, k) for k in ("out_dir", "ixi_root", "brats_root", "epochs", "resolution", "seed", "models", "device")}
@@ -80,10 +108,34 @@ def _phantom(a) -> int:
                           progress=not a.no_progress)
     print(root); return 0
 
+def _images_arg(items: list[str] | None):
+    "--images values: one plain GLOB, or MOD=GLOB pairs."
+    if not items: return None
+    if len(items) == 1 and "=" not in items[0]: return items[0]
+    out = {}
+    for it in items:
+        if "=" not in it: raise UADInputError("with several --images give each as MODALITY=GLOB", it)
+        k, v = it.split("=", 1); out[k] = v
+    return out
+
+def _data(a) -> int:
+    from uad_study.datasets import check_dataset
+    if a.data_command != "check":
+        build_parser().parse_args(["data", "--help"]); return 0
+    kw = {"images": _images_arg(a.images), "labels": a.labels, "masks": a.masks, "annotations": a.annotations,
+          "modalities": tuple(a.modalities) if a.modalities else None}
+    if a.dataset not in (None, "auto", "nifti") and kw["images"]:
+        raise UADInputError("--images/--labels/--masks go with the generic layout (--dataset nifti or none)", a.dataset)
+    if not kw["images"] and (a.labels or a.masks): raise UADInputError("--labels/--masks need --images", None, a.path)
+    r = check_dataset(a.path, a.dataset, tuple(a.label_values) if a.label_values else None, **kw)
+    print(r)
+    if a.table and r.rows: print(r.table().to_string(index=False))
+    return 0 if r.ok else 1
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `uad-study` console script."
     p = build_parser(); a = p.parse_args(argv)
     if a.command is None: p.print_help(); return 0
-    try: return {"demo": _demo, "phantom": _phantom}[a.command](a)
+    try: return {"demo": _demo, "phantom": _phantom, "data": _data}[a.command](a)
     except UADInputError as e:
         print(f"uad-study {a.command}: error: {e}", file=sys.stderr); return 2

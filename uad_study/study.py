@@ -32,7 +32,7 @@ from .figures import PANEL_COLUMNS, plot_panels, plot_pr_curves
 __all__ = ['PROFILES', 'PROTOCOL_QUICKSTART', 'QuickstartConfig', 'quickstart_config', 'quickstart_data', 'subject_volumes',
            'evaluate_maps', 'environment_info', 'write_maps', 'run_quickstart']
 
-# %% ../nbs/12_study.ipynb #728c8ca1
+# %% ../nbs/12_study.ipynb #37c832a0
 @dataclass
 class QuickstartConfig:
     "Everything that defines a quickstart run; written to the run's config.json."
@@ -46,7 +46,7 @@ class QuickstartConfig:
     models: tuple = ("ae", "vae")
     channels: tuple = (32, 64, 128, 256)
     latent_dim: int = 128
-    epochs: int = 12
+    epochs: int = 16
     batch_size: int = 32
     lr: float = 1e-3
     kl_weight: float = 1.0
