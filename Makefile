@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.uad_study-installed
 PYTHON ?= python3
 
-.PHONY: help venv demo smoke test sync nbtest pytest clean-runs
+.PHONY: help venv demo smoke test sync nbtest pytest bench clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +38,9 @@ pytest: $(STAMP)  ## pytest: unit tests, bad inputs, determinism, and a papermil
 	$(BIN)/pytest -q
 
 test: sync nbtest pytest  ## every check: sync, notebook tests, pytest (incl. papermill smoke runs)
+
+bench: $(STAMP)  ## speed/memory benchmarks with their references (results: benchmarks/README.md)
+	$(PY) benchmarks/run_all.py
 
 clean-runs:  ## delete runs/ (run folders); data caches in data/ are kept
 	rm -rf runs

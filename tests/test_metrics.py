@@ -1,5 +1,5 @@
 "Metrics: exact agreement with sklearn (ties included), brute-force best DICE, edge cases, speed at 12M voxels."
-import warnings
+import json, warnings
 
 import numpy as np
 import pytest
@@ -150,3 +150,233 @@ def test_per_subject_dice():
     with pytest.raises(UADInputError, match="finite number"): per_subject_dice(maps, labs, float("nan"))
     with pytest.raises(UADInputError, match="maps\\[1\\]"): per_subject_dice([maps[0], np.full((2, 2), np.nan)], labs[:2], 0.5)
     with pytest.raises(UADInputError, match="same shape"): per_subject_dice([np.zeros(3)], [np.zeros(4)], 0.5)
+
+
+# --- streaming accumulator ----------------------------------------------------------------------
+
+def _same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]) or (np.isnan(a[k]) and np.isnan(b[k])), (k, a[k], b[k])
+
+
+volume = st.integers(1, 40).flatmap(lambda n: st.tuples(
+    st.one_of(st.lists(st.sampled_from([0.0, 0.0, 0.0, -0.0, 0.1, 0.25, 0.5, 1.0, -1.0]), min_size=n, max_size=n),
+              st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=n, max_size=n)),
+    st.lists(st.booleans(), min_size=n, max_size=n)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(vols=st.lists(volume, min_size=1, max_size=8), f64=st.booleans(), per_volume=st.booleans(),
+       buffer=st.sampled_from([1, 7, 50, 1 << 26]))
+def test_streaming_equals_one_shot(vols, f64, per_volume, buffer):
+    from uad_study.metrics import PixelMetricsAccumulator
+    dt = np.float64 if f64 else np.float32
+    maps = [np.array(s, dt) for s, _ in vols]; labs = [np.array(y, bool) for _, y in vols]
+    acc = PixelMetricsAccumulator(per_volume=per_volume, buffer_voxels=buffer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m, l in zip(maps, labs): acc.update(m, l)
+        got, want = acc.aggregate(), pixel_metrics(maps, labs)
+        assert got.pop("n_volumes") == len(maps)
+        _same(got, want)
+        thr, tp, fp, n_pos, n_neg = acc.counts()
+        w = curve_counts(maps, labs)
+        np.testing.assert_array_equal(thr, w[0]); np.testing.assert_array_equal(tp, w[1])
+        np.testing.assert_array_equal(fp, w[2]); assert (n_pos, n_neg) == w[3:]
+        if per_volume:
+            assert len(acc.volumes) == len(maps)
+            for v, m, l in zip(acc.volumes, maps, labs): _same(v, pixel_metrics(m, l))
+    acc.reset()
+    with pytest.raises(UADInputError, match="no volume"): acc.aggregate()
+
+
+def test_streaming_mixed_dtypes_and_edge_volumes():
+    from uad_study.metrics import PixelMetricsAccumulator
+    rng = np.random.default_rng(3)
+    maps = [np.zeros((4, 4, 4), np.float32),                         # empty prediction
+            np.where(rng.random((5, 4, 3)) < 0.7, 0, rng.random((5, 4, 3))),   # float64
+            np.ones((2, 2, 2), np.float32)]                          # all one value
+    labs = [np.zeros((4, 4, 4), bool), rng.random((5, 4, 3)) < 0.3, np.ones((2, 2, 2), np.uint8)]
+    acc = PixelMetricsAccumulator(buffer_voxels=30)      # float32 folded, then float64 merged in
+    for m, l in zip(maps, labs): acc.update(m, l)
+    got = acc.aggregate(); got.pop("n_volumes")
+    _same(got, pixel_metrics(maps, labs))
+    s = np.concatenate([m.ravel() for m in maps]); y = np.concatenate([np.asarray(l, bool).ravel() for l in labs])
+    assert abs(got["auroc"] - skm.roc_auc_score(y, s)) < TOL
+    assert abs(got["auprc"] - skm.average_precision_score(y, s)) < TOL
+    with pytest.raises(UADInputError, match="same shape"): acc.update(np.zeros(3), np.zeros(4))
+    with pytest.raises(UADInputError, match="must be finite"): acc.update(np.array([np.nan]), np.array([1]))
+
+
+def test_blocked_arithmetic_and_int64_counts(monkeypatch):
+    "Small blocks (as on 4M+ curve points) and the int64 count path give the same numbers."
+    import uad_study.metrics as M
+    rng = np.random.default_rng(5)
+    maps = [np.where(rng.random((7, 6, 5)) < 0.6, 0, rng.random((7, 6, 5)).round(2)).astype(np.float32) for _ in range(4)]
+    labs = [rng.random(m.shape) < 0.25 for m in maps]
+    want = pixel_metrics(maps, labs)
+    monkeypatch.setattr(M, "_CHUNK", 3)
+    got = pixel_metrics(maps, labs)
+    s = np.concatenate([m.ravel() for m in maps]); y = np.concatenate([l.ravel() for l in labs])
+    assert abs(got["auroc"] - skm.roc_auc_score(y, s)) < TOL and got["auroc"] == want["auroc"]
+    assert abs(got["auprc"] - skm.average_precision_score(y, s)) < TOL
+    assert (got["best_dice"], got["best_threshold"]) == (want["best_dice"], want["best_threshold"])
+    acc = M.PixelMetricsAccumulator(buffer_voxels=100)
+    monkeypatch.setattr(acc, "_UINT32_VOXELS", 300)        # switch to int64 counts after ~2 volumes
+    for m, l in zip(maps, labs): acc.update(m, l)
+    assert acc._tab[1].dtype == np.int64
+    out = acc.aggregate(); out.pop("n_volumes")
+    _same(out, got)
+
+
+# --- thresholds, protocols, DICE_T / DICE_S, detection, boxes ----------------------------------------
+
+from uad_study.metrics import (EvalProtocol, PixelMetricsAccumulator, bbox_localisation, choose_threshold, dice_summary,
+                               greedy_threshold, protocol_description, sample_detection, slice_detection,
+                               threshold_at_fpr, threshold_metrics)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), scores=st.one_of(tied, free), t=st.floats(-11, 11, allow_nan=False))
+def test_threshold_metrics_brute_force(data, scores, t):
+    s = np.array(scores, np.float32)
+    y = np.array(data.draw(st.lists(st.booleans(), min_size=len(s), max_size=len(s))))
+    m = threshold_metrics(curve_counts(s, y), t)
+    p = s.astype(np.float64) >= t
+    tp, fp = int(np.sum(p & y)), int(np.sum(p & ~y))
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (tp, fp, int(y.sum()) - tp, int((~y).sum()) - fp)
+    d = dice(p, y)
+    assert (np.isnan(d) and np.isnan(m["dice"])) or abs(d - m["dice"]) < TOL
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=st.one_of(tied, free), alpha=st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.5, 1.0]))
+def test_threshold_at_fpr_brute_force(scores, alpha):
+    s = np.array(scores, np.float32)
+    t = threshold_at_fpr(curve_counts(s, np.zeros(len(s), bool)), alpha)
+    rate = lambda t: np.mean(s.astype(np.float64) >= t)
+    assert rate(t) <= alpha
+    lower = [u for u in np.unique(s).astype(np.float64) if u < t]
+    if lower: assert rate(max(lower)) > alpha                # the lowest threshold that satisfies the FPR
+    if np.isinf(t): assert rate(float(s.max())) > alpha
+
+
+def ref_greedy(s, y, n_iter):
+    "Straight transcription of the thesis text on raw arrays."
+    lo, hi = float(s.min()), float(s.max()); best = (-1, None)
+    for _ in range(n_iter):
+        q1, q3 = lo + (hi - lo) / 4, lo + 3 * (hi - lo) / 4
+        d1, d3 = dice(s >= np.float64(q1), y), dice(s >= np.float64(q3), y)
+        for t, d in ((q1, d1), (q3, d3)):
+            if d > best[0]: best = (d, t)
+        if d1 >= d3: hi = (lo + hi) / 2
+        else: lo = (lo + hi) / 2
+    return best
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_greedy_threshold_matches_transcription(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(3000) < 0.05
+    s = np.where(rng.random(3000) < 0.7, 0, rng.random(3000) + 0.8 * y).astype(np.float32)
+    g = greedy_threshold(curve_counts(s, y), 10)
+    d, t = ref_greedy(s, y, 10)
+    assert g["threshold"] == t and abs(g["dice"] - d) < TOL and len(g["trace"]) == 10
+    assert g["dice"] <= pixel_metrics(s, y)["best_dice"] + TOL          # never beats the exact best
+    with pytest.raises(UADInputError, match="needs lesion voxels"): greedy_threshold(curve_counts(s, np.zeros(3000)), 3)
+
+
+def test_float64_threshold_on_float32_maps():
+    x = np.float32(0.3); t = float(x) + 1e-12                  # between two float32 values; float32(t) == x
+    assert np.float32(t) == x
+    c = curve_counts(np.array([x], np.float32), np.array([True]))
+    assert threshold_metrics(c, t)["tp"] == 0
+    assert np.isnan(per_subject_dice([np.array([x], np.float32)], [np.array([0])], t)[0])   # nothing predicted, empty label
+
+
+def test_dice_summary_and_protocols():
+    rng = np.random.default_rng(2)
+    maps = [np.where(rng.random((8, 8, 5)) < 0.6, 0, rng.random((8, 8, 5))).astype(np.float32) for _ in range(5)]
+    labs = [rng.random(m.shape) < 0.2 for m in maps]; labs[3][:] = False; maps[3][:] = 0   # an empty-empty subject
+    acc = PixelMetricsAccumulator(per_volume=True)
+    for m, l in zip(maps, labs): acc.update(m, l)
+    t = acc.aggregate()["best_threshold"]
+    ds = dice_summary(acc, t)
+    per = per_subject_dice(maps, labs, t)
+    np.testing.assert_allclose(ds["dice_per_subject"], per, atol=TOL)
+    assert ds["n_subjects_scored"] == 4 and abs(ds["dice_S_mean"] - np.nanmean(per)) < TOL
+    assert abs(ds["dice_S_sd"] - np.nanstd(per, ddof=1)) < TOL
+    s = np.concatenate([m.ravel() for m in maps]); y = np.concatenate([l.ravel() for l in labs])
+    assert abs(ds["dice_T"] - dice(s >= t, y)) < TOL and abs(ds["dice_T"] - acc.aggregate()["best_dice"]) < TOL
+    with pytest.raises(UADInputError, match="per_volume=True"): dice_summary(PixelMetricsAccumulator(), t)
+    # protocols
+    healthy = PixelMetricsAccumulator()
+    for m in maps[:2]: healthy.update(m, np.zeros(m.shape, bool))
+    assert choose_threshold(EvalProtocol(), test=acc.counts())["threshold"] == t
+    r = choose_threshold(EvalProtocol("healthy_fpr", fpr=0.1), healthy=healthy.counts())
+    hs = np.concatenate([m.ravel() for m in maps[:2]])
+    assert np.mean(hs >= r["threshold"]) <= 0.1 and r["source"] == "healthy"
+    assert choose_threshold(EvalProtocol("val_greedy"), val=acc.counts())["threshold"] == greedy_threshold(acc.counts())["threshold"]
+    assert choose_threshold(EvalProtocol("fixed", fixed_threshold=0.3))["threshold"] == 0.3
+    for p in [EvalProtocol(), EvalProtocol("healthy_fpr", fpr=0.01), EvalProtocol("fixed", fixed_threshold=0.2)]:
+        d = protocol_description(p)
+        assert json.loads(json.dumps(d)) == d and d["threshold"] == p.threshold
+    for kw, msg in [(dict(threshold="x"), "must be one of"), (dict(fpr=1.5), r"in \[0, 1\]"),
+                    (dict(greedy_iterations=0), ">= 1"), (dict(threshold="fixed"), "fixed_threshold")]:
+        with pytest.raises(UADInputError, match=msg): EvalProtocol(**kw)
+    with pytest.raises(UADInputError, match="needs the `healthy`"): choose_threshold(EvalProtocol("healthy_fpr"))
+
+
+def test_slice_and_sample_detection_vs_sklearn():
+    rng = np.random.default_rng(4)
+    maps = [rng.random((6, 6, int(rng.integers(3, 9)))) for _ in range(6)]
+    labs = [rng.random(m.shape) < 0.01 for m in maps]
+    masks = [rng.random(m.shape) < 0.8 for m in maps]
+    r = slice_detection(maps, labs, masks)
+    sc = np.concatenate([[m[..., k][k_[..., k]].mean() if k_[..., k].any() else 0 for k in range(m.shape[-1])]
+                         for m, k_ in zip(maps, masks)])
+    lab = np.concatenate([l.any((0, 1)) for l in labs])
+    assert abs(r["auroc"] - skm.roc_auc_score(lab, sc)) < TOL and abs(r["auprc"] - skm.average_precision_score(lab, sc)) < TOL
+    an = [True, False, True, False, False, True]
+    r = sample_detection(maps, an, reduce="max")
+    sc = [np.mean([m[..., k].max() for k in range(m.shape[-1])]) for m in maps]
+    assert abs(r["auroc"] - skm.roc_auc_score(an, sc)) < TOL and r["n"] == 6 and r["n_anomalous"] == 3
+
+
+def test_bbox_localisation_by_hand():
+    m = np.zeros((20, 20)); brain = np.zeros((20, 20), bool); brain[1:19, 1:19] = True
+    m[2:6, 2:6] = 2.0          # 16 flagged pixels inside box A (5x5 = 25 px: 64% > 10%)
+    m[12, 12] = 1.0            # 1 flagged pixel in box B (4x4 = 16 px: 6.25%, not detected)
+    m[17, 2:6] = 1.0           # 4 flagged healthy pixels
+    m[0, 0] = 5.0              # outside the brain: ignored
+    boxes = [[{"cls": "tumour", "box": (2, 2, 7, 7)}, {"cls": "edema", "box": (10, 10, 14, 14)}]]
+    r = bbox_localisation([m], boxes, 0.5, [brain])
+    a, b = r["boxes"]
+    assert a["detected"] and not b["detected"] and a["fraction"] == 16 / 25 and b["fraction"] == 1 / 16
+    assert a["fp"] == 4 / 16 and a["precision"] == 1 / (1 + 0.25) and abs(a["f1"] - 2 * 0.8 / 1.8) < TOL
+    assert b["f1"] == 0 and r["overall"] == {"detected": 1, "total": 2, "f1": a["f1"] / 2}
+    assert r["per_class"]["tumour"]["detected"] == 1 and r["per_class"]["edema"]["detected"] == 0
+    rs = bbox_localisation([m], boxes, 0.5, [brain], weight="score")
+    assert rs["boxes"][0]["fp"] == 4.0 / 32.0
+    m2 = m.copy(); m2[12:14, 12:14] = 1.0        # 4 of 16 = 25%: now detected (> 10%)
+    assert bbox_localisation([m2], boxes, 0.5, [brain])["boxes"][1]["detected"]
+    with pytest.raises(UADInputError, match="lo < hi"): bbox_localisation([m], [[{"cls": "x", "box": (5, 5, 5, 9)}]], 0.5)
+    with pytest.raises(UADInputError, match="weight"): bbox_localisation([m], boxes, 0.5, weight="area")
+
+
+def test_evaluate_protocol():
+    from uad_study.metrics import evaluate_protocol
+    rng = np.random.default_rng(7)
+    mk = lambda: np.where(rng.random((6, 6, 4)) < 0.5, 0, rng.random((6, 6, 4))).astype(np.float32)
+    test, val, healthy = PixelMetricsAccumulator(per_volume=True), PixelMetricsAccumulator(), PixelMetricsAccumulator()
+    for _ in range(3):
+        m = mk(); test.update(m, m > 0.7); m = mk(); val.update(m, m > 0.6); healthy.update(mk(), np.zeros((6, 6, 4)))
+    r = evaluate_protocol(EvalProtocol("val_greedy"), test, val=val)
+    t = greedy_threshold(val.counts())["threshold"]
+    assert r["threshold"]["threshold"] == t and r["threshold"]["source"] == "validation"
+    assert r["at_threshold"]["dice_T"] == threshold_metrics(test.counts(), t)["dice"] == r["at_threshold"]["dice"]
+    assert len(r["at_threshold"]["dice_per_subject"]) == 3 and r["protocol"]["threshold"] == "val_greedy"
+    r = evaluate_protocol(EvalProtocol("healthy_fpr", fpr=0.01), test, healthy=healthy)
+    assert r["at_threshold"]["threshold"] == threshold_at_fpr(healthy.counts(), 0.01)
+    json.dumps(r)

@@ -186,3 +186,42 @@ def test_bad_inputs():
     with pytest.raises(UADInputError, match="real numbers"): postprocess_volume(r.astype(complex), brain, cfg)
     with pytest.raises(UADInputError, match="PostprocessConfig"): postprocess_volume(r, brain, {"mask": True})
     assert isinstance(UADInputError("x"), ValueError)
+
+
+# --- the fast (non-negative, sparse) median path ------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("size,dims", [(5, 3), (3, 3), (5, 2), (9, 2), (7, 3)])
+def test_fast_median_sparse_ties_negatives(seed, size, dims):
+    "Sparse maps with ties (few distinct values), dense blobs, tiny shapes, and signed maps (scipy fallback)."
+    rng = np.random.default_rng(100 + seed)
+    shape = tuple(int(v) for v in rng.integers(2, 22, 3))
+    v = np.where(rng.random(shape) < rng.uniform(0.05, 0.9), rng.choice([0.1, 0.5, 0.5, 1.0], shape), 0).astype(np.float32)
+    if seed % 3 == 0: v[rng.random(shape) < 0.1] *= -1        # negatives: must still equal scipy
+    if seed % 3 == 1: v = np.where(v > 0, rng.random(shape).astype(np.float32) + 0.1, 0)   # continuous values
+    kernel = (size,) * 3 if dims == 3 else (size, size, 1)
+    np.testing.assert_array_equal(median_volume(v, size, dims), ndi.median_filter(v, size=kernel, mode="reflect"))
+
+
+def test_fast_median_helpers():
+    from uad_study.postprocess import _box_sums
+    rng = np.random.default_rng(0)
+    a = rng.random((9, 7, 11)) < 0.4
+    for kernel in [(5, 5, 5), (9, 9, 1), (3, 5, 7)]:
+        want = np.rint(ndi.uniform_filter(a.astype(np.float64), size=kernel, mode="reflect") * np.prod(kernel))
+        np.testing.assert_array_equal(_box_sums(a, kernel), want)
+
+
+def test_thesis_presets():
+    t, t5 = PRESETS["thesis"], PRESETS["thesis_median5"]
+    assert [s["step"] for s in postprocess_steps(t)] == ["positive_only", "mask", "median", "remove_small_components"]
+    st = {s["step"]: s for s in postprocess_steps(t)}
+    assert st["median"]["kernel"] == [9, 9, 1] and st["remove_small_components"]["min_size"] == 7
+    assert st["remove_small_components"]["dims"] == 2 and st["remove_small_components"]["neighbours"] == 8
+    assert st["mask"]["erosion_voxels"] >= 1 and st["mask"]["erosion_dims"] == 2
+    assert dataclasses.replace(t, median_size=5) == t5
+    # signed residual: negatives dropped, a 6-pixel speck removed, a big blob kept (its core)
+    r = np.zeros((30, 30, 3), np.float32); r[5:17, 5:17, 1] = 0.8; r[:, :, 2] = -1.0
+    r[22:24, 22:25, 1] = 0.9
+    out = postprocess_volume(r, np.ones(r.shape, bool), t)
+    assert out[..., 2].max() == 0 and out[11, 11, 1] == np.float32(0.8) and out[22:24, 22:25, 1].max() == 0
