@@ -23,7 +23,8 @@ def test_chapter_smoke(nb, tmp_path):
         assert (out_dir / f).is_file(), f"{nb.name}: {f} missing from the run folder"
     assert list((out_dir / "figures").glob("*.png")), f"{nb.name}: no figures written"
     m = json.loads((out_dir / "metrics.json").read_text())
-    assert m["protocol"] and m["results"]
+    assert m["protocols"] and m["results"]
+    assert all(r["protocol"] in m["protocols"] for r in m["results"]), "every number names its protocol"
 
 
 def test_quickstart_smoke_outputs(tmp_path):
@@ -37,6 +38,9 @@ def test_quickstart_smoke_outputs(tmp_path):
     for row in res:
         assert 0 < row["prevalence"] < 0.1
         assert row["auprc"] > 3 * row["prevalence"], row   # a model that learned nothing scores near prevalence
+        assert row["protocol"] in ("test_best", "healthy_fpr")
+    fpr = [r for r in res if r["protocol"] == "healthy_fpr"]
+    assert fpr and all(r["fpr"] < 0.2 for r in fpr)   # calibrated at 5% on healthy scans: test FPR stays low
     cfg = json.loads((out / "config.json").read_text())
     assert [s["step"] for s in cfg["postprocessing"]][:2] == ["mask", "threshold"]
     assert cfg["preprocessing"][2]["step"] == "normalise"

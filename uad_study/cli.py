@@ -85,16 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--table", action="store_true", help="also print one row per subject")
     return p
 
-# %% ../nbs/13_cli.ipynb #763d4eb0
+# %% ../nbs/13_cli.ipynb #362a85c0
 def _demo(a) -> int:
     from uad_study.study import quickstart_config, run_quickstart
     kw = {k: getattr(a, k) for k in ("out_dir", "ixi_root", "brats_root", "epochs", "resolution", "seed", "models", "device")}
     cfg = quickstart_config(a.profile, **kw)
     r = run_quickstart(cfg, overwrite=a.overwrite, resume=a.resume, progress=not a.no_progress)
     t = r["table"]
-    cols = ["model", "postprocess", "auroc", "auprc", "prevalence", "best_dice", "dice_subject_mean", "dice_subject_sd"]
+    cols = ["model", "postprocess", "protocol", "auroc", "auprc", "prevalence", "threshold", "dice",
+            "dice_subject_mean", "dice_subject_sd"]
     print(f"\nquickstart ({cfg.profile}) on {r['summary']['data']['source']}")
-    print(f"protocol: {r['summary']['protocol']}")
+    print(f"evaluation: {r['summary']['protocols']['evaluation_space']}")
+    print("protocols: test_best = DICE threshold tuned on the test set (optimistic); "
+          f"healthy_fpr = threshold at {cfg.healthy_fpr:.0%} voxel FPR on healthy validation subjects")
     print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     out = r["out_dir"]
     print(f"\nrun folder: {out}\n  config.json, metrics.json, metrics.csv, split.csv\n  maps/<model>/<subject>_anomaly.nii.gz"
