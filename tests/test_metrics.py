@@ -380,3 +380,41 @@ def test_evaluate_protocol():
     r = evaluate_protocol(EvalProtocol("healthy_fpr", fpr=0.01), test, healthy=healthy)
     assert r["at_threshold"]["threshold"] == threshold_at_fpr(healthy.counts(), 0.01)
     json.dumps(r)
+
+
+def test_reconstruction_fidelity_against_references():
+    "MSE against NumPy, SSIM against skimage's SSIM map, regions split by mask and label, LPIPS labelled."
+    from skimage.metrics import structural_similarity
+    from uad_study.metrics import reconstruction_fidelity
+    from uad_study.scores import load_lpips
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 40, 40)).astype(np.float32)
+    xh = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
+    mask = np.zeros(x.shape, bool); mask[:, 5:35, 5:35] = True
+    lab = np.zeros(x.shape, bool); lab[1, 10:20, 12:22] = True
+    f = reconstruction_fidelity(x, xh, mask, lab)
+    healthy, anom = mask & ~lab, lab
+    np.testing.assert_allclose(f["healthy"]["mse"], ((x - xh) ** 2)[healthy].mean(), rtol=1e-6)
+    np.testing.assert_allclose(f["anomalous"]["mse"], ((x - xh) ** 2)[anom].mean(), rtol=1e-6)
+    S = np.stack([structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, full=True)[1] for a, b in zip(x, xh)])
+    np.testing.assert_allclose(f["healthy"]["ssim"], S[healthy].mean(), atol=1e-5)
+    np.testing.assert_allclose(f["anomalous"]["ssim"], S[anom].mean(), atol=1e-5)
+    assert f["healthy"]["n_pixels"] == healthy.sum() and f["anomalous"]["n_pixels"] == 100
+    assert f["lpips_network"] is None and "lpips" not in f["healthy"]
+    with pytest.warns(UserWarning):
+        net = load_lpips("alex", allow_random_backbone=True)
+    g = reconstruction_fidelity(x, xh, mask, lab, lpips_net=net)
+    assert g["lpips_network"].startswith("not-LPIPS")
+    assert g["healthy"]["lpips"] >= 0 and np.isfinite(g["anomalous"]["lpips"])
+    same = reconstruction_fidelity(x, x, mask, lab, lpips_net=net)
+    assert same["healthy"]["mse"] == 0 and abs(same["healthy"]["ssim"] - 1) < 1e-6 and same["healthy"]["lpips"] < 1e-6
+
+
+def test_reconstruction_fidelity_empty_regions_and_bad_shapes():
+    from uad_study.metrics import reconstruction_fidelity
+    x = np.zeros((1, 16, 16), np.float32)
+    f = reconstruction_fidelity(x, x)
+    assert np.isnan(f["anomalous"]["mse"]) and f["anomalous"]["n_pixels"] == 0
+    with pytest.raises(UADInputError, match="must both be"):
+        reconstruction_fidelity(x, x[0])

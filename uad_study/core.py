@@ -65,7 +65,7 @@ def get_device(pref: str = "auto") -> torch.device:
         raise UADInputError("device 'cuda' was asked for but torch sees no CUDA device", pref)
     return torch.device(pref)
 
-# %% ../nbs/00_core.ipynb #d5e5dcff
+# %% ../nbs/00_core.ipynb #e7ef5ffa
 @contextlib.contextmanager
 def atomic_path(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     "Yield a temporary path beside `target`; on success it replaces `target`, on error it is removed."
@@ -95,9 +95,18 @@ def _jsonable(o):
     if isinstance(o, torch.device): return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
+def _strict(o):
+    "Recursively: dataclasses/arrays to plain types, NaN and infinities to None (strict JSON has no NaN)."
+    if isinstance(o, float) or isinstance(o, np.floating): return float(o) if np.isfinite(o) else None
+    if isinstance(o, dict): return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_strict(v) for v in o]
+    if isinstance(o, np.ndarray): return _strict(o.tolist())
+    if dataclasses.is_dataclass(o) and not isinstance(o, type): return _strict(dataclasses.asdict(o))
+    return o
+
 def to_json(obj: Any) -> str:
-    "Stable, readable JSON (sorted keys) for configs and metrics; dataclasses, paths and NumPy scalars allowed."
-    return json.dumps(obj, indent=2, sort_keys=True, default=_jsonable, allow_nan=True)
+    "Stable, strict JSON (sorted keys, NaN written as null) for configs and metrics; dataclasses, paths, NumPy allowed."
+    return json.dumps(_strict(obj), indent=2, sort_keys=True, default=_jsonable, allow_nan=False)
 
 def atomic_write_json(target: str | Path, obj: Any, overwrite: bool = True) -> Path:
     "Write `obj` as JSON to `target` atomically."

@@ -19,9 +19,9 @@ from .core import UADInputError, get_device
 from .inference import residual
 
 # %% auto #0
-__all__ = ['LPIPS_BACKBONE_FILES', 'ANOMALY_MAPS', 'ssim_map', 'clahe', 'lpips_backbone_path', 'load_lpips', 'is_real_lpips',
-           'lpips_map', 'residual_lpips_map', 'reversed_ae_map', 'scale_space_aggregate', 'describe_map', 'anomaly_map',
-           'slice_scores', 'reconstruction_error', 'latent_kl', 'subject_scores']
+__all__ = ['LPIPS_BACKBONE_FILES', 'ANOMALY_MAPS', 'ssim_index_map', 'ssim_map', 'clahe', 'lpips_backbone_path', 'load_lpips',
+           'is_real_lpips', 'lpips_map', 'residual_lpips_map', 'reversed_ae_map', 'scale_space_aggregate',
+           'describe_map', 'anomaly_map', 'slice_scores', 'reconstruction_error', 'latent_kl', 'subject_scores']
 
 # %% ../nbs/08_scores.ipynb #88778ba6
 def _stack(x, name: str = "x") -> np.ndarray:
@@ -38,7 +38,7 @@ def _pair(x, x_hat) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape: raise UADInputError("input and reconstruction shapes differ", (a.shape, b.shape))
     return a, b
 
-# %% ../nbs/08_scores.ipynb #efbd23b8
+# %% ../nbs/08_scores.ipynb #d1dca5b9
 def _gauss1d(sigma: float, truncate: float = 3.5) -> np.ndarray:
     r = int(truncate * sigma + 0.5)
     g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
@@ -54,13 +54,13 @@ def _gauss_filter(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     t = F.conv2d(t, g.view(1, 1, -1, 1))
     return F.conv2d(t, g.view(1, 1, 1, -1))
 
-def ssim_map(x, x_hat,
+def ssim_index_map(x, x_hat,
              sigma: float = 1.5,        # Gaussian window sd, pixels (window radius = int(3.5*sigma+0.5))
              data_range: float = 1.0,   # intensity range of the images
              k1: float = 0.01, k2: float = 0.03,  # SSIM stabilising constants
              device: str = "cpu",
              ) -> np.ndarray:
-    "Per-pixel anomaly map `clip(1 - SSIM(x, x_hat), 0, 1)` of a batch (N, H, W), float32."
+    "Per-pixel SSIM index of a batch (N, H, W), float32, in [-1, 1] (1 = identical)."
     a, b = _pair(x, x_hat)
     r = int(3.5 * sigma + 0.5)
     if min(a.shape[1:]) <= r: raise UADInputError(f"slices must be larger than the SSIM window radius {r}", a.shape)
@@ -73,7 +73,12 @@ def ssim_map(x, x_hat,
     vxy = _gauss_filter(X * Y, g) - ux * uy
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return (1 - s[:, 0]).clamp(0, 1).float().cpu().numpy()
+    return s[:, 0].float().cpu().numpy()
+
+def ssim_map(x, x_hat, sigma: float = 1.5, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03,
+             device: str = "cpu") -> np.ndarray:
+    "Per-pixel anomaly map `clip(1 - SSIM(x, x_hat), 0, 1)` of a batch (N, H, W), float32."
+    return np.clip(1 - ssim_index_map(x, x_hat, sigma, data_range, k1, k2, device), 0, 1)
 
 # %% ../nbs/08_scores.ipynb #1a75cde0
 def clahe(x,
