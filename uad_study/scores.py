@@ -23,10 +23,11 @@ __all__ = ['LPIPS_BACKBONE_FILES', 'ANOMALY_MAPS', 'ssim_index_map', 'ssim_map',
            'is_real_lpips', 'lpips_map', 'residual_lpips_map', 'reversed_ae_map', 'scale_space_aggregate',
            'describe_map', 'anomaly_map', 'slice_scores', 'reconstruction_error', 'latent_kl', 'subject_scores']
 
-# %% ../nbs/08_scores.ipynb #88778ba6
+# %% ../nbs/08_scores.ipynb #d5660918
 def _stack(x, name: str = "x") -> np.ndarray:
     "`x` as a float32 (N, H, W) stack; a single (H, W) slice becomes N=1."
     a = np.asarray(x, np.float32)
+    if not a.flags.writeable: a = a.copy()   # memory-mapped caches are read-only; torch needs writable arrays
     if a.ndim == 2: a = a[None]
     if a.ndim != 3: raise UADInputError(f"`{name}` must be (N, H, W) or (H, W)", a.shape)
     if not np.isfinite(a).all(): raise UADInputError(f"`{name}` must be finite (no NaN or inf)", name)
