@@ -16,12 +16,12 @@ from .core import UADInputError
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/13_cli.ipynb #01a6df85
+# %% ../nbs/13_cli.ipynb #a71ced74
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `uad-study` with its sub-commands."
     p = argparse.ArgumentParser(prog="uad-study", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="uad_study: reproducible unsupervised anomaly detection in brain MRI.",
-        epilog="Examples:\n  uad-study demo                      # quickstart on the embedded phantom (CPU: ~10 min)\n"
+        epilog="Examples:\n  uad-study demo                      # quickstart on the embedded phantom (2 CPU cores: ~5 min)\n"
                "  uad-study demo --profile smoke      # the tiny CI version (~1 min)\n"
                "  uad-study demo --ixi-root /data/IXI-T2 --brats-root /data/BraTS2020 --out runs/real\n"
                "  uad-study data check /data/BraTS2020 # validate a real dataset folder before using it\n"
