@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.uad_study-installed
 PYTHON ?= python3
 
-.PHONY: help venv demo smoke test sync nbtest pytest bench clean-runs
+.PHONY: help venv demo smoke test sync nbtest pytest bench qc clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -41,6 +41,9 @@ test: sync nbtest pytest  ## every check: sync, notebook tests, pytest (incl. pa
 
 bench: $(STAMP)  ## speed/memory benchmarks with their references (results: benchmarks/README.md)
 	$(PY) benchmarks/run_all.py
+
+qc: $(STAMP)  ## QC montages of the embedded phantom under every preprocessing recipe (figures/qc/)
+	$(PY) -c "from uad_study.study import phantom_qc_montages; print(*phantom_qc_montages(), sep='\\n')"
 
 clean-runs:  ## delete runs/ (run folders); data caches in data/ are kept
 	rm -rf runs
