@@ -152,3 +152,20 @@ def test_qc_montage(subject, tmp_path):
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     z = np.load(p.with_suffix(".npz"))
     assert sorted(z.files) == ["fx", "fx2"] and z["fx"].shape == (64, 64)
+
+
+def test_several_label_files_are_united(tmp_path):
+    "ATLAS 1.2 subjects can have several lesion masks: preprocessing unites them (datasets.label_volume)."
+    import nibabel as nib
+    from uad_study.io import Subject
+    from uad_study.preprocess import SliceRecipe, build_slices
+    v = np.zeros((16, 16, 8), np.float32); v[2:14, 2:14, :] = 100
+    a = np.zeros(v.shape, np.uint8); a[3:6, 3:6, 4] = 1
+    b = np.zeros(v.shape, np.uint8); b[9:12, 9:12, 4] = 1
+    for n, arr in {"img": v, "m1": a, "m2": b}.items():
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / f"{n}.nii.gz"))
+    s = Subject("r1", {"t1": tmp_path / "img.nii.gz"}, label=tmp_path / "m1.nii.gz",
+                meta={"labels": [tmp_path / "m1.nii.gz", tmp_path / "m2.nii.gz"]})
+    ss = build_slices([s], SliceRecipe(modality="t1", resolution=16), cache=tmp_path / "c", n_jobs=1, progress=False)
+    assert ss.subjects[0]["label_voxels_total"] == 18
+    assert int(np.asarray(ss.labels).sum()) == 18
