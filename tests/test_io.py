@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uad_study.core import UADInputError
-from uad_study.io import Subject, check_same_grid, find_brats2020, find_ixi, load_volume, save_like
+from uad_study.io import Subject, check_same_grid, load_volume, save_like
 from uad_study.preprocess import SliceRecipe, build_slices
 
 
@@ -95,20 +95,6 @@ def test_orientation_round_trip(tmp_path):
         back = nib.load(out)
         np.testing.assert_array_equal(np.asarray(back.dataobj), arr)
         np.testing.assert_array_equal(back.affine, aff)
-
-
-def test_finders_on_layouts(tmp_path):
-    a = np.ones((4, 4, 4), np.int16)
-    (tmp_path / "IXI" / "T2").mkdir(parents=True)
-    _save(tmp_path / "IXI" / "T2" / "IXI002-Guys-0828-T2.nii.gz", a)
-    _save(tmp_path / "IXI" / "T2" / "IXI002-Guys-0828-T2-copy.nii.gz", a)  # not an IXI name: ignored
-    assert [s.meta["site"] for s in find_ixi(tmp_path / "IXI")] == ["Guys"]
-    d = tmp_path / "B" / "BraTS20_Training_007"; d.mkdir(parents=True)
-    _save(d / "BraTS20_Training_007_t2.nii.gz", a)
-    with pytest.raises(UADInputError, match="no _seg label"):
-        find_brats2020(tmp_path / "B")
-    with pytest.raises(UADInputError, match="no BraTS20_\\* subject folder"):
-        find_brats2020(tmp_path / "IXI")
 
 
 def test_real_glioma_volume_reads_in_ras(realdata):

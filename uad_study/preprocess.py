@@ -294,10 +294,11 @@ def build_slices(subjects: list[Subject],
                                                     "subjects": subs}, indent=1))
     return SliceSet(folder)
 
-# %% ../nbs/04_preprocess.ipynb #8b4d87f9
+# %% ../nbs/04_preprocess.ipynb #2fe4ae4e
 def split_ids(ids: list[str], fractions: dict[str, float], seed: int = 0) -> dict[str, list[str]]:
     "Deterministic subject-level split (never slice-level): `fractions` like {'train': 0.8, 'val': 0.2}."
     if abs(sum(fractions.values()) - 1) > 1e-6: raise UADInputError("split fractions must sum to 1", fractions)
+    ids = sorted(ids)  # the split depends on the ids and the seed, not on the order a finder listed them in
     rng = np.random.default_rng(seed)
     order = [ids[i] for i in rng.permutation(len(ids))]
     out, start, names = {}, 0, list(fractions)
