@@ -1,4 +1,4 @@
-"Lower-numbered notebooks never import higher-numbered ones, and every module is written by exactly one notebook."
+"Lower-numbered notebooks never import higher-numbered ones, and every module is written by exactly one notebook.\n\nA letter after the number (`06a_trivae`) marks a sub-chapter: it ranks with its number."
 import ast
 import re
 from pathlib import Path
@@ -11,10 +11,10 @@ def _modules():
     out = {}
     for f in PKG.rglob("*.py"):
         head = f.read_text().split("\n", 8)[:8]
-        m = next((re.search(r"File to edit: (?:\.\./)+nbs/(\d+)_(\w+)\.ipynb", l) for l in head if "File to edit" in l), None)
+        m = next((re.search(r"File to edit: (?:\.\./)+nbs/(\d+)([a-z]?)_(\w+)\.ipynb", l) for l in head if "File to edit" in l), None)
         if m:
             name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
-            out[name] = (int(m.group(1)), f"{m.group(1)}_{m.group(2)}.ipynb", f)
+            out[name] = (int(m.group(1)), f"{m.group(1)}{m.group(2)}_{m.group(3)}.ipynb", f)
     return out
 
 
