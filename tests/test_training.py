@@ -68,3 +68,134 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="last.pt: unreadable checkpoint"):
         train_model(_model("ae"), _data(), None, TrainConfig(epochs=1, device="cpu"), tmp_path, progress=False)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _noisy(calls=None, stop_at=None):
+    "A denoising objective drawing torch noise; raises after `stop_at` calls (a simulated crash mid-epoch)."
+    n = [0]
+    def objective(model, x):
+        n[0] += 1
+        if stop_at is not None and n[0] > stop_at: raise _Interrupt
+        if calls is not None: calls.append(len(x))
+        out = model(x + 0.05 * torch.randn_like(x))
+        loss = ((out["recon"] - x) ** 2).mean()
+        return loss, {"mse": loss.detach()}
+    return objective
+
+
+@pytest.mark.parametrize("name", ["ae", "vae"])
+def test_resume_after_crash_with_schedule_and_early_stopping(tmp_path, name):
+    "Cosine schedule + warm-up + early stopping + a noisy objective: a crash mid-epoch, then resume, gives the uninterrupted weights."
+    x = _data()
+    cfg = TrainConfig(epochs=4, batch_size=8, device="cpu", schedule="cosine", warmup_epochs=0.5, min_lr=1e-5,
+                      early_stop_patience=3, early_stop_min_delta=0.0)
+    full = _model(name)
+    h_full = train_model(full, x, x[:8], cfg, tmp_path / "full", progress=False, objective=_noisy())
+    crashed = _model(name)
+    with pytest.raises(_Interrupt):  # 6 steps per epoch: dies in the middle of epoch 3
+        train_model(crashed, x, x[:8], cfg, tmp_path / "part", progress=False, objective=_noisy(stop_at=15))
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 2
+    torch.manual_seed(999)
+    resumed = _model(name)
+    h_res = train_model(resumed, x, x[:8], cfg, tmp_path / "part", progress=False, objective=_noisy())
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: parameter {k} differs after resume"
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert drop(h_full) == drop(h_res)
+    assert h_full[-1]["lr"] < 1e-4 and "train_mse" in h_full[0]
+    assert (tmp_path / "full" / "best.pt").exists()
+
+
+def test_early_stop_resumed_stops_where_uninterrupted_does(tmp_path):
+    x = _data()
+    cfg = TrainConfig(epochs=6, batch_size=8, device="cpu", early_stop_patience=2, early_stop_min_delta=10.0)
+    full = _model("ae")
+    h = train_model(full, x, x[:8], cfg, tmp_path / "full", progress=False)
+    assert [r["epoch"] for r in h] == [1, 2, 3]  # epoch 1 sets the best; 2 and 3 do not improve by 10
+    ck = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert ck["early_stop"]["stopped"] and ck["early_stop"]["best_epoch"] == 1
+    best = load_checkpoint(tmp_path / "full" / "best.pt")
+    for a, b in zip(best["model"].values(), full.state_dict().values()): assert torch.equal(a, b)
+    part = _model("ae")
+    with pytest.raises(_Interrupt):
+        train_model(part, x, x[:8], cfg, tmp_path / "part", progress=False, objective=_wrap_default(cfg, stop_at=8))
+    resumed = _model("ae")
+    h2 = train_model(resumed, x, x[:8], cfg, tmp_path / "part", progress=False)
+    assert [r["epoch"] for r in h2] == [1, 2, 3]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()): assert torch.equal(a, b)
+
+
+def _wrap_default(cfg, stop_at):
+    from uad_study.training import default_objective
+    f, n = default_objective(cfg), [0]
+    def objective(model, x):
+        n[0] += 1
+        if n[0] > stop_at: raise _Interrupt
+        return f(model, x)
+    return objective
+
+
+def test_explicit_default_objective_is_bit_identical(tmp_path):
+    from uad_study.training import default_objective
+    x = _data()
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu")
+    a, b = _model("vae"), _model("vae")
+    train_model(a, x, x[:8], cfg, tmp_path / "a", progress=False)
+    train_model(b, x, x[:8], cfg, tmp_path / "b", progress=False, objective=default_objective(cfg))
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()): assert torch.equal(p, q)
+
+
+def test_drop_last_keeps_batches_full(tmp_path):
+    x = _data(n=43)
+    seen = []
+    h = train_model(_model("ae"), x, None, TrainConfig(epochs=2, batch_size=8, device="cpu", drop_last=True), tmp_path,
+                    progress=False, objective=_noisy(calls=seen))
+    assert seen == [8] * 10 and len(h) == 2
+    from uad_study.core import UADInputError
+    with pytest.raises(UADInputError, match="leaves no batch"):
+        train_model(_model("ae"), x[:5], None, TrainConfig(epochs=1, batch_size=8, device="cpu", drop_last=True), tmp_path / "e")
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    x = _data()
+    h = train_model(_model("vae"), x, x[:8], TrainConfig(epochs=2, batch_size=16, device="cpu", amp="bf16", lr=3e-3), tmp_path,
+                    progress=False)
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in h)
+    from uad_study.core import UADInputError
+    with pytest.raises(UADInputError, match="needs a CUDA device"):
+        train_model(_model("ae"), x, None, TrainConfig(epochs=1, device="cpu", amp="fp16"), tmp_path / "fp16", progress=False)
+
+
+def test_step_schedule_is_logged(tmp_path):
+    x = _data()
+    h = train_model(_model("ae"), x, None, TrainConfig(epochs=3, batch_size=16, device="cpu", lr=1e-2, schedule="step",
+                                                      step_size=1, gamma=0.5), tmp_path, progress=False)
+    assert [r["lr"] for r in h] == [1e-2, 5e-3, 2.5e-3]
+    assert (tmp_path / "train_log.csv").read_text().splitlines()[0].split(",")[:5] == ["epoch", "train_loss", "val_loss", "seconds", "lr"]
+
+
+def test_tensorboard_optional(tmp_path):
+    x = _data(n=16)
+    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu", tensorboard=True)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        have_tb = True
+    except Exception:
+        have_tb = False
+    if have_tb:
+        train_model(_model("ae"), x, x[:4], cfg, tmp_path, progress=False)
+        assert any((tmp_path / "tb").iterdir())
+    else:
+        with pytest.warns(UserWarning, match="TensorBoard cannot be imported"):
+            train_model(_model("ae"), x, x[:4], cfg, tmp_path, progress=False)
+        assert (tmp_path / "train_log.csv").exists() and not (tmp_path / "tb").exists()
+
+
+def test_bad_config_is_a_clear_error():
+    from uad_study.core import UADInputError
+    with pytest.raises(UADInputError, match="amp must be one of"): TrainConfig(amp="half")
+    with pytest.raises(UADInputError, match="early_stop_patience must be"): TrainConfig(early_stop_patience=0)

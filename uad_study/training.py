@@ -1,4 +1,4 @@
-"""The training loop: deterministic shuffling, progress bars, periodic validation, a CSV log, atomic checkpoints and resume that continues exactly where an interrupted run stopped.
+"""The training loop: deterministic shuffling, pluggable objectives, mixed precision, learning-rate schedules, early stopping, progress bars, a CSV (and TensorBoard) log, atomic checkpoints with exact resume, and multi-GPU / multi-node training with DistributedDataParallel on the same code path.
 
 Docs: https://uad-study.github.io/uad_study/training.html.md"""
 
@@ -6,12 +6,14 @@ Docs: https://uad-study.github.io/uad_study/training.html.md"""
 
 # %% ../nbs/07_training.ipynb #b1d9d2d6
 from __future__ import annotations
-import csv, io, math, time
+import atexit, contextlib, csv, io, math, os, time, warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -19,29 +21,140 @@ from .core import UADInputError, atomic_path, atomic_write_text, get_device
 from .models.baselines import model_loss
 
 # %% auto #0
-__all__ = ['TrainConfig', 'save_checkpoint', 'load_checkpoint', 'evaluate_loss', 'train_model']
+__all__ = ['AMP_MODES', 'SCHEDULES', 'Objective', 'TrainConfig', 'DistInfo', 'dist_info', 'init_distributed', 'unwrap_model',
+           'amp_dtype', 'lr_at', 'default_objective', 'save_checkpoint', 'load_checkpoint', 'evaluate_loss',
+           'train_model']
 
 # %% ../nbs/07_training.ipynb #d875f375
+AMP_MODES = ("off", "auto", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "step")
+
 @dataclass
 class TrainConfig:
-    "Optimisation settings of one model; recorded in the run config."
+    "Optimisation settings of one model; recorded in the run config and in every checkpoint."
     epochs: int = 10              # passes over the training slices
-    batch_size: int = 32
-    lr: float = 1e-3              # Adam learning rate
+    batch_size: int = 32          # the global batch: under DDP it is split across the processes
+    lr: float = 1e-3              # Adam learning rate (the peak of a schedule)
     weight_decay: float = 0.0
     recon: str = "l2"             # reconstruction loss: "l1" or "l2"
     kl_weight: float = 1.0        # VAE only: weight of the KL term
     grad_clip: float | None = 1.0 # max gradient norm (None = off)
     val_every: int = 1            # validate every n epochs
     seed: int = 0                 # shuffling seed (the order of epoch e depends on seed and e only)
-    device: str = "auto"          # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1"
+    device: str = "auto"          # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1"; under torchrun cuda:LOCAL_RANK
+    amp: str = "off"              # mixed precision: "off", "auto" (CUDA: bf16 if supported else fp16; CPU: off), "bf16", "fp16" (CUDA only)
+    schedule: str = "constant"    # learning rate per optimiser step: "constant", "cosine" (lr -> min_lr), "step" (x gamma every step_size epochs)
+    warmup_epochs: float = 0.0    # linear warm-up to lr over this many epochs (fractions allowed), before any schedule
+    min_lr: float = 0.0           # cosine: the learning rate it decays to
+    step_size: int = 10           # step: epochs between two decays
+    gamma: float = 0.1            # step: decay factor
+    early_stop_patience: int | None = None  # stop after this many validations without improvement (None = off)
+    early_stop_min_delta: float = 0.0       # an improvement must lower the best val_loss by more than this
+    drop_last: bool = False       # drop each epoch's final batch when it is smaller than batch_size
+    tensorboard: bool = False     # also write the log's scalars to ckpt_dir/tb (needs the tensorboard package)
+
+    def __post_init__(self):
+        if self.amp not in AMP_MODES: raise UADInputError(f"amp must be one of {AMP_MODES}", self.amp)
+        if self.schedule not in SCHEDULES: raise UADInputError(f"schedule must be one of {SCHEDULES}", self.schedule)
+        if self.batch_size < 1: raise UADInputError("batch_size must be >= 1", self.batch_size)
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise UADInputError("early_stop_patience must be >= 1 or None", self.early_stop_patience)
+        if self.step_size < 1: raise UADInputError("step_size must be >= 1 epoch", self.step_size)
 
 # %% ../nbs/07_training.ipynb #1899833c
-def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, cfg: TrainConfig) -> None:
+class DistInfo(NamedTuple):
+    "Where this process stands in a (possibly) distributed run."
+    rank: int = 0           # global process index
+    world_size: int = 1     # number of processes
+    local_rank: int = 0     # process index on this node (= its GPU index)
+    is_main: bool = True    # rank 0: the one process that writes files and shows progress
+
+def dist_info() -> DistInfo:
+    "This process's place: from the process group if one is initialised, else from torchrun's variables, else a single process."
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized(): r, w = dist.get_rank(), dist.get_world_size()
+    else: r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return DistInfo(r, w, local, r == 0)
+
+def init_distributed(device: str = "auto") -> tuple[torch.device, DistInfo]:
+    "This process's device and `DistInfo`; joins the process group when launched by torchrun with WORLD_SIZE > 1."
+    info = dist_info()
+    if info.world_size == 1: return get_device(device), info
+    if device.startswith("cuda:"):
+        raise UADInputError("under torchrun each process uses cuda:LOCAL_RANK: give device 'auto' or 'cuda'", device)
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        get_device("cuda")  # a clear error when CUDA was asked for but is absent
+        dev = torch.device("cuda", info.local_rank); torch.cuda.set_device(dev)
+    else: dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
+    return dev, dist_info()
+
+def _destroy_process_group():
+    if dist.is_initialized(): dist.destroy_process_group()
+
+def _barrier(device: torch.device) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    "The model inside a DistributedDataParallel wrapper (or the model itself)."
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+# %% ../nbs/07_training.ipynb #461ff03f
+def _to_sync_batchnorm(model: nn.Module) -> Callable[[], None]:
+    "Swap BatchNorm layers for SyncBatchNorm in place (sharing parameters and buffers); returns the undo."
+    swapped = []
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, child_name, nn.SyncBatchNorm.convert_sync_batchnorm(child)); swapped.append((parent, child_name, child))
+    def undo():
+        for parent, child_name, child in swapped:
+            child.train(getattr(parent, child_name).training); setattr(parent, child_name, child)
+    return undo
+
+# %% ../nbs/07_training.ipynb #d65abc3f
+def amp_dtype(amp: str, device: str | torch.device) -> torch.dtype | None:
+    "The autocast dtype that `amp` means on `device`, or None for full precision."
+    device = torch.device(device)
+    if amp not in AMP_MODES: raise UADInputError(f"amp must be one of {AMP_MODES}", amp)
+    if amp == "off" or (amp == "auto" and device.type != "cuda"): return None
+    if amp == "auto": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda": raise UADInputError("amp 'fp16' needs a CUDA device (use 'bf16' or 'off')", str(device))
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+# %% ../nbs/07_training.ipynb #27545e5c
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    "Learning rate of optimiser step `step` (0-based, counted over the whole run)."
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm: return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant": return cfg.lr
+    if cfg.schedule == "step": return cfg.lr * cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+    t = (step - warm) / max(cfg.epochs * steps_per_epoch - warm, 1)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+# %% ../nbs/07_training.ipynb #15304e4b
+Objective = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
+
+def default_objective(cfg: TrainConfig) -> Objective:
+    "The baselines' loss (`model_loss`: reconstruction, plus the weighted KL term of a VAE) as an objective."
+    def objective(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return model_loss(unwrap_model(model), x, model(x), cfg.recon, cfg.kl_weight)
+    return objective
+
+# %% ../nbs/07_training.ipynb #35e1dfd1
+def save_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list, cfg: TrainConfig,
+                    extra: dict | None = None,  # more entries (loss scaler, early-stopping state, per-process RNG states)
+                    ) -> None:
     "Atomically save everything needed to resume after `epoch` (1-based count of finished epochs)."
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "history": history,
+    state = {"model": unwrap_model(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "history": history,
              "train_config": asdict(cfg), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, **(extra or {})}
     with atomic_path(path) as tmp: torch.save(state, tmp)
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -49,76 +162,176 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try: return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e: raise UADInputError("unreadable checkpoint", f"{type(e).__name__}: {e}", path) from None
 
-# %% ../nbs/07_training.ipynb #461ff03f
-def _batches(n: int, bs: int, seed: int, epoch: int):
+def _load_on_main(path: Path, info: DistInfo, want: bool = True) -> dict | None:
+    "Process 0 reads `path` (if `want` and it exists) and hands it, or its error, to every process."
+    payload = None
+    if info.is_main and want and path.exists():
+        try: payload = load_checkpoint(path)
+        except UADInputError as e: payload = e
+    if info.world_size > 1: box = [payload]; dist.broadcast_object_list(box, src=0); payload = box[0]
+    if isinstance(payload, Exception): raise payload
+    return payload
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+def _restore_rng(ck: dict, info: DistInfo, device: torch.device, seed: int, epoch: int) -> None:
+    ranks = ck.get("rank_rng")
+    if info.world_size == 1:
+        torch.set_rng_state(ck["torch_rng"])
+        if ck.get("cuda_rng") is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    elif ranks is not None and len(ranks) == info.world_size:
+        torch.set_rng_state(ranks[info.rank]["cpu"])
+        if ranks[info.rank]["cuda"] is not None and device.type == "cuda": torch.cuda.set_rng_state(ranks[info.rank]["cuda"], device)
+    else:
+        if info.is_main: warnings.warn(f"checkpoint written by {len(ranks) if ranks else 1} process(es), resumed by {info.world_size}: "
+                                       "the random streams are re-seeded (same training, not the same draws)", stacklevel=3)
+        torch.manual_seed(seed + 1_000_003 * info.rank + 7919 * epoch)
+
+# %% ../nbs/07_training.ipynb #8cb4b3a1
+def _batches(n: int, bs: int, seed: int, epoch: int, drop_last: bool = False):
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).numpy()
-    return [np.sort(perm[i:i + bs]) for i in range(0, n, bs)]
+    return [np.sort(perm[i:i + bs]) for i in range(0, n - n % bs if drop_last else n, bs)]
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device) -> float:
-    "Mean loss over `data` in eval mode (deterministic)."
-    model.eval(); tot, n = 0.0, 0
-    for i in range(0, len(data), cfg.batch_size):
-        x = torch.from_numpy(np.array(data[i:i + cfg.batch_size], np.float32))[:, None].to(device)
-        loss, _ = model_loss(model, x, model(x), cfg.recon, cfg.kl_weight)
-        tot += loss.item() * len(x); n += len(x)
+def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device,
+                  objective: Objective | None = None,  # default: default_objective(cfg)
+                  ) -> float:
+    "Mean loss over `data` in eval mode (deterministic; RNG states left as found; under DDP shared out and reduced)."
+    device, net, info = torch.device(device), unwrap_model(model), dist_info()
+    objective, dtype = objective or default_objective(cfg), amp_dtype(cfg.amp, device)
+    lo, hi = (len(data) * info.rank // info.world_size, len(data) * (info.rank + 1) // info.world_size)
+    net.eval(); tot, n = 0.0, 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(lo, hi, cfg.batch_size):
+            x = torch.from_numpy(np.array(data[i:min(i + cfg.batch_size, hi)], np.float32))[:, None].to(device)
+            with _autocast(device, dtype): loss, _ = objective(net, x)
+            tot += loss.item() * len(x); n += len(x)
+    if info.world_size > 1 and dist.is_initialized():
+        t = torch.tensor([tot, n], dtype=torch.float64, device=device); dist.all_reduce(t); tot, n = t.tolist()
     return tot / max(n, 1)
 
+# %% ../nbs/07_training.ipynb #601210df
 def train_model(model: nn.Module,
                 train: np.ndarray,            # training slices (N, H, W) in [0, 1]
                 val: np.ndarray | None,       # validation slices, or None
                 cfg: TrainConfig,
-                ckpt_dir: str | Path,         # where last.pt and train_log.csv go
+                ckpt_dir: str | Path,         # where last.pt, best.pt, train_log.csv (and tb/) go
                 resume: bool = True,          # continue from ckpt_dir/last.pt when it exists
                 progress: bool = True,
-                name: str = "model",          # shown on the progress bar
+                name: str = "model",          # shown on the progress bar and in error messages
+                objective: Objective | None = None,  # (model, x) -> (loss, parts); default: default_objective(cfg)
                 ) -> list[dict]:
-    "Train `model` in place; returns the per-epoch history (also written to `train_log.csv`)."
-    device = get_device(cfg.device)
-    ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last = ckpt_dir / "last.pt"
+    "Train `model` in place; returns the per-epoch history (also written to `train_log.csv`). Under torchrun: DDP, same code."
+    if len(train) == 0: raise UADInputError("no training slices", 0)
+    n_steps = len(train) // cfg.batch_size if cfg.drop_last else math.ceil(len(train) / cfg.batch_size)
+    if n_steps == 0: raise UADInputError(f"drop_last=True with fewer training slices than batch_size {cfg.batch_size} leaves no batch", len(train))
+    device, info = init_distributed(cfg.device)
+    world, main = info.world_size, info.is_main
+    ckpt_dir = Path(ckpt_dir); last, best_pt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if main: ckpt_dir.mkdir(parents=True, exist_ok=True)
+    objective = objective or default_objective(cfg)
     model.to(device)
+    undo_sync_bn = _to_sync_batchnorm(model) if world > 1 and device.type == "cuda" else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history, start = [], 0
-    torch.manual_seed(cfg.seed)  # the VAE's sampling noise: same seed, same run (a resume restores the saved state)
-    if resume and last.exists():
-        ck = load_checkpoint(last, map_location=device)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history, start, es = [], 0, {"best": math.inf, "best_epoch": 0, "bad": 0, "stopped": False}
+    torch.manual_seed(cfg.seed + 1_000_003 * info.rank)  # sampling noise: same seed, same run (a resume restores the saved state)
+    ck = _load_on_main(last, info, resume)
+    if ck is not None:
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
         history, start = ck["history"], ck["epoch"]
-        torch.set_rng_state(ck["torch_rng"])
-        if ck.get("cuda_rng") is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(ck["cuda_rng"])
-    if len(train) == 0: raise UADInputError("no training slices", 0)
-    n_steps = math.ceil(len(train) / cfg.batch_size)
-    bar = tqdm(total=cfg.epochs * n_steps, initial=start * n_steps, desc=f"train {name}", disable=not progress,
+        if ck.get("scaler"): scaler.load_state_dict(ck["scaler"])
+        es = ck.get("early_stop", es)
+        _restore_rng(ck, info, device, cfg.seed, start)
+    del ck
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    tb = _tb_writer(ckpt_dir) if main and cfg.tensorboard else None
+    bar = tqdm(total=cfg.epochs * n_steps, initial=start * n_steps, desc=f"train {name}", disable=not (progress and main),
                unit="batch", dynamic_ncols=True)
-    for epoch in range(start, cfg.epochs):
-        model.train(); t0 = time.perf_counter(); tot, seen = 0.0, 0
-        for step, idx in enumerate(_batches(len(train), cfg.batch_size, cfg.seed, epoch)):
-            x = torch.from_numpy(np.array(train[idx], np.float32))[:, None].to(device)
-            loss, parts = model_loss(model, x, model(x), cfg.recon, cfg.kl_weight)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"{name}: training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                         f"(parts {parts}); lower the learning rate (now {cfg.lr}) or check the inputs")
-            opt.zero_grad(set_to_none=True); loss.backward()
-            if cfg.grad_clip: nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            tot += loss.item() * len(x); seen += len(x)
-            bar.update(1); bar.set_postfix(epoch=epoch + 1, loss=f"{tot / seen:.4f}")
-        row = {"epoch": epoch + 1, "train_loss": tot / seen, "val_loss": float("nan"),
-               "seconds": time.perf_counter() - t0, "lr": cfg.lr}
-        if val is not None and len(val) and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-            rng = torch.get_rng_state()
-            row["val_loss"] = evaluate_loss(model, val, cfg, device)
-            torch.set_rng_state(rng)
-        history.append(row)
-        save_checkpoint(last, model, opt, epoch + 1, history, cfg)
-        _write_log(ckpt_dir / "train_log.csv", history)
-    bar.close()
+    try:
+        for epoch in range(start, cfg.epochs):
+            if es["stopped"]: break
+            net.train(); t0 = time.perf_counter(); tot, seen, psum = 0.0, 0, {}
+            for step, idx in enumerate(_batches(len(train), cfg.batch_size, cfg.seed, epoch, cfg.drop_last)):
+                lr = lr_at(cfg, epoch * n_steps + step, n_steps)
+                for g in opt.param_groups: g["lr"] = lr
+                mine = np.array_split(idx, world)[info.rank] if world > 1 else idx
+                n_mine = len(mine)
+                x = torch.from_numpy(np.array(train[mine if n_mine else idx], np.float32))[:, None].to(device)
+                with _autocast(device, dtype): loss, parts = objective(net, x)
+                lv, parts = loss.item(), {k: float(v) for k, v in parts.items()}
+                if world > 1:  # one all-reduce: the global sums for the log, and whether any process saw a non-finite loss
+                    keys = sorted(parts)
+                    s = torch.tensor([lv * n_mine, n_mine, float(not math.isfinite(lv))] + [parts[k] * n_mine for k in keys],
+                                     dtype=torch.float64, device=device)
+                    dist.all_reduce(s); s = s.tolist()
+                    b_tot, b_seen, bad = s[0], s[1], s[2] > 0
+                    parts = {k: v / b_seen for k, v in zip(keys, s[3:])}
+                    shown = b_tot / b_seen
+                else: b_tot, b_seen, bad, shown = lv * len(x), len(x), not math.isfinite(lv), lv
+                if bad:
+                    raise FloatingPointError(
+                        f"{name}: training loss became {shown} at epoch {epoch + 1}, step {step + 1} (parts {parts}); "
+                        f"lower the learning rate (now {lr:g}), clip gradients harder (grad_clip={cfg.grad_clip})"
+                        + (", use amp='bf16' or 'off'" if dtype == torch.float16 else "") + " or check the inputs")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss * (world * n_mine / len(idx)) if world > 1 else loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(opt); nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                scaler.step(opt); scaler.update()
+                tot += b_tot; seen += b_seen
+                for k, v in parts.items(): psum[k] = psum.get(k, 0.0) + v * b_seen
+                bar.update(1); bar.set_postfix(epoch=epoch + 1, loss=f"{tot / seen:.4f}")
+            if world > 1:  # process 0's BatchNorm statistics everywhere: identical models for validation and saving
+                for b in model.buffers(): dist.broadcast(b, 0)
+            row = {"epoch": epoch + 1, "train_loss": tot / seen, "val_loss": float("nan"),
+                   "seconds": time.perf_counter() - t0, "lr": lr, **{f"train_{k}": v / seen for k, v in psum.items()}}
+            improved = False
+            if val is not None and len(val) and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                row["val_loss"] = v = evaluate_loss(net, val, cfg, device, objective)
+                improved = v < es["best"] - cfg.early_stop_min_delta
+                if improved: es.update(best=v, best_epoch=epoch + 1, bad=0)
+                else: es["bad"] += 1
+                es["stopped"] = bool(cfg.early_stop_patience) and es["bad"] >= cfg.early_stop_patience
+            history.append(row)
+            rank_rng = None
+            if world > 1: rank_rng = [None] * world; dist.all_gather_object(rank_rng, _rng_state(device))
+            if main:
+                extra = {"early_stop": dict(es), "world_size": world, **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                         **({"rank_rng": rank_rng} if rank_rng else {})}
+                if improved: save_checkpoint(best_pt, model, opt, epoch + 1, history, cfg, extra)
+                save_checkpoint(last, model, opt, epoch + 1, history, cfg, extra)
+                _write_log(ckpt_dir / "train_log.csv", history)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "epoch" and math.isfinite(v): tb.add_scalar(k, v, epoch + 1)
+                    tb.flush()
+            _barrier(device)
+        if es["stopped"]:
+            best = _load_on_main(best_pt, info)
+            if best is not None: model.load_state_dict(best["model"])
+            if main and progress:
+                tqdm.write(f"{name}: early stop after epoch {history[-1]['epoch']}: no val_loss improvement > {cfg.early_stop_min_delta:g} "
+                           f"in {cfg.early_stop_patience} validations; restored epoch {es['best_epoch']} (val_loss {es['best']:.5g})")
+    finally:
+        bar.close()
+        if tb is not None: tb.close()
+        if undo_sync_bn is not None: undo_sync_bn()
     model.eval()
     return history
 
+def _tb_writer(ckpt_dir: Path):
+    try: from torch.utils.tensorboard import SummaryWriter
+    except Exception as e:
+        warnings.warn(f"tensorboard=True but TensorBoard cannot be imported ({type(e).__name__}: {e}); "
+                      "logging to train_log.csv only (pip install tensorboard)", stacklevel=3)
+        return None
+    return SummaryWriter(str(ckpt_dir / "tb"))
+
 def _write_log(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=list(history[0])); w.writeheader(); w.writerows(history)
+    keys = list(dict.fromkeys(k for row in history for k in row))  # rows of an older checkpoint may lack the parts
+    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=keys, restval=""); w.writeheader(); w.writerows(history)
     atomic_write_text(path, buf.getvalue())
