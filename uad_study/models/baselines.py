@@ -1,4 +1,4 @@
-"""The dense autoencoder and dense VAE: convolutional encoder, fully connected bottleneck, convolutional decoder. The dense VAE is the "baseline VAE" of the Tri-VAE ablation (Table 2, first row).
+"""The dense autoencoder and dense VAE: convolutional encoder, fully connected bottleneck, convolutional decoder. The quickstart study trains both; the Tri-VAE ablation's "baseline VAE" (Table 2, first row) is the Tri-VAE network with every switch off, in `models.trivae`.
 
 Docs: https://uad-study.github.io/uad_study/models.html.md"""
 

@@ -1,0 +1,89 @@
+"The Tri-VAE study runner: run folder, tables beside the paper's, figures with their data, resume without retraining."
+import json
+
+import pandas as pd
+import pytest
+
+from uad_study.core import UADInputError
+from uad_study.study_trivae import TABLE1, TABLE2, run_trivae_study, trivae_config, trivae_data
+
+MODELS = ("vae", "abl-gcs", "trivae-coarse", "dae-coarse")   # enough for every figure (4, 5, 6, 7)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trivae") / "run"
+    cfg = trivae_config("smoke", out_dir=str(out), models=MODELS, epochs=1)
+    return cfg, run_trivae_study(cfg, progress=False)
+
+
+def test_run_folder(run):
+    cfg, r = run
+    out = r["out_dir"]
+    for f in ("config.json", "metrics.json", "metrics.csv", "table1.csv", "table2.csv", "split.csv"):
+        assert (out / f).is_file(), f
+    for m in MODELS:
+        assert (out / "models" / m / "last.pt").is_file() and (out / "models" / m / "train_log.csv").is_file()
+    c = json.loads((out / "config.json").read_text())
+    assert set(c["models_detail"]) == set(MODELS)
+    assert c["models_detail"]["abl-gcs"]["model"]["gcs"] and not c["models_detail"]["abl-gcs"]["model"]["coarse_loss"]
+    assert c["models_detail"]["dae-coarse"]["objective"]["noise"]["kind"] == "coarse"
+    assert [s["step"] for s in c["postprocessing"]][:2] == ["mask", "threshold"]
+    assert c["training"]["drop_last"] is True                          # Tri-VAE batches split into thirds
+
+
+def test_every_number_names_its_protocol_and_data(run):
+    cfg, r = run
+    t = r["table"]
+    assert set(t["protocol"]) == {"test_best", "healthy_fpr"}
+    assert t[["profile", "data", "resolution", "postprocess", "evaluation"]].notna().all().all()
+    assert ((t["prevalence"] > 0) & (t["prevalence"] < 0.1)).all()
+    assert t[["auroc", "auprc"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def test_tables_beside_the_paper(run):
+    cfg, r = run
+    t1 = pd.read_csv(r["out_dir"] / "table1.csv")
+    paper = t1[t1["source"].str.startswith("paper")]
+    ours = t1[~t1["source"].str.startswith("paper")]
+    assert len(paper) == 9 and paper["protocol"].str.contains("not stated").all()
+    assert set(ours["method"]) == {TABLE1[m][0] for m in MODELS if m in TABLE1}
+    assert ours["source"].str.contains("smoke").all() and ours["protocol"].str.contains("test_best").all()
+    t2 = pd.read_csv(r["out_dir"] / "table2.csv")
+    assert list(t2[t2["source"].str.startswith("paper")]["row"]) == list(TABLE2.values())
+    assert set(t2[~t2["source"].str.startswith("paper")]["row"]) == {TABLE2[m] for m in MODELS if m in TABLE2}
+    # the paper's numbers are copied from nbs/paper_tables, not typed here
+    assert t2[t2["row"] == "+SSIM loss (Tri-VAE)"]["dice"].iloc[0] == pytest.approx(0.6058)
+
+
+def test_figures_with_their_data(run):
+    cfg, r = run
+    fig = r["out_dir"] / "figures"
+    for f in ("pr_curves", "fig4_segmentations", "fig5_tsne", "fig6_coarse_loss", "fig7_trivae_vs_unet"):
+        assert (fig / f"{f}.png").is_file(), f
+        assert (fig / f"{f}.csv").is_file() or (fig / f"{f}.npz").is_file(), f
+    ts = pd.read_csv(fig / "fig5_tsne.csv")
+    assert set(ts["model"]) == {"vae", "trivae-coarse"} and set(ts["code"]) == {"embedding", "resampled"}
+    assert ts["anomalous"].any() and (~ts["anomalous"]).any()
+
+
+def test_resume_finished_run_does_not_retrain(run):
+    cfg, r = run
+    r2 = run_trivae_study(cfg, resume=True, progress=False)
+    assert all(k.startswith(("data", "evaluate", "total")) or v < 2.0 for k, v in r2["summary"]["timings_s"].items())
+    pd.testing.assert_frame_equal(r["table"].drop(columns=[]), r2["table"])   # same weights, same numbers
+
+
+def test_existing_run_is_not_overwritten(run):
+    cfg, r = run
+    with pytest.raises(UADInputError, match="run folder exists"):
+        run_trivae_study(cfg, progress=False)
+
+
+def test_data_selection_is_seeded_and_checked(tmp_path):
+    cfg = trivae_config("smoke")
+    a, b = trivae_data(cfg, progress=False), trivae_data(cfg, progress=False)
+    assert [s.id for s in a["train"]] == [s.id for s in b["train"]]
+    assert not {s.id for s in a["train"]} & {s.id for s in a["val"]}
+    with pytest.raises(UADInputError, match="asked for 50 training"):
+        trivae_data(trivae_config("smoke", n_train_subjects=50), progress=False)
