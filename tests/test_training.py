@@ -199,3 +199,17 @@ def test_bad_config_is_a_clear_error():
     from uad_study.core import UADInputError
     with pytest.raises(UADInputError, match="amp must be one of"): TrainConfig(amp="half")
     with pytest.raises(UADInputError, match="early_stop_patience must be"): TrainConfig(early_stop_patience=0)
+
+
+def test_resume_with_changed_settings_warns(tmp_path):
+    x = _data(n=16)
+    train_model(_model("ae"), x, None, TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path, progress=False)
+    with pytest.warns(UserWarning, match=r"lr: 0.001 -> 0.002"):
+        train_model(_model("ae"), x, None, TrainConfig(epochs=2, batch_size=8, device="cpu", lr=2e-3), tmp_path, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # more epochs of a constant schedule: no warning
+        train_model(_model("ae"), x, None, TrainConfig(epochs=3, batch_size=8, device="cpu", lr=2e-3), tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="no validation slices: early stopping is off"):
+        train_model(_model("ae"), x, None, TrainConfig(epochs=1, batch_size=8, device="cpu", early_stop_patience=2), tmp_path / "n",
+                    progress=False)

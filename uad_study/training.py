@@ -229,6 +229,8 @@ def train_model(model: nn.Module,
     if n_steps == 0: raise UADInputError(f"drop_last=True with fewer training slices than batch_size {cfg.batch_size} leaves no batch", len(train))
     device, info = init_distributed(cfg.device)
     world, main = info.world_size, info.is_main
+    if cfg.early_stop_patience and (val is None or not len(val)) and main:
+        warnings.warn(f"{name}: early_stop_patience={cfg.early_stop_patience} but no validation slices: early stopping is off", stacklevel=2)
     ckpt_dir = Path(ckpt_dir); last, best_pt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     if main: ckpt_dir.mkdir(parents=True, exist_ok=True)
     objective = objective or default_objective(cfg)
@@ -246,6 +248,7 @@ def train_model(model: nn.Module,
         if ck.get("scaler"): scaler.load_state_dict(ck["scaler"])
         es = ck.get("early_stop", es)
         _restore_rng(ck, info, device, cfg.seed, start)
+        _warn_changed(ck.get("train_config", {}), cfg, last, main)
     del ck
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     tb = _tb_writer(ckpt_dir) if main and cfg.tensorboard else None
@@ -322,6 +325,15 @@ def train_model(model: nn.Module,
         if undo_sync_bn is not None: undo_sync_bn()
     model.eval()
     return history
+
+def _warn_changed(saved: dict, cfg: TrainConfig, path: Path, main: bool) -> None:
+    "Warn when a run is resumed with settings that change its numbers (more epochs of a constant schedule are fine)."
+    free = {"device", "tensorboard", "val_every"} | ({"epochs"} if cfg.schedule == "constant" else set())
+    now = asdict(cfg)
+    diff = {k: (v, now[k]) for k, v in saved.items() if k in now and k not in free and v != now[k]}
+    if diff and main:
+        warnings.warn(f"{path}: resumed with settings that differ from the checkpoint's ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
+                      "the run will not match an uninterrupted one", stacklevel=3)
 
 def _tb_writer(ckpt_dir: Path):
     try: from torch.utils.tensorboard import SummaryWriter
