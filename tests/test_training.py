@@ -213,3 +213,37 @@ def test_resume_with_changed_settings_warns(tmp_path):
     with pytest.warns(UserWarning, match="no validation slices: early stopping is off"):
         train_model(_model("ae"), x, None, TrainConfig(epochs=1, batch_size=8, device="cpu", early_stop_patience=2), tmp_path / "n",
                     progress=False)
+
+
+def test_fp16_loss_scaler_is_checkpointed(tmp_path, monkeypatch):
+    "The fp16 path (GradScaler: scale, unscale before clipping, skip inf steps) on CPU, and its state across a resume."
+    import uad_study.training as T
+    monkeypatch.setattr(T, "amp_dtype", lambda amp, device: torch.float16)  # fp16 is CUDA-only in the config; CPU autocast can run it
+    x = _data(n=24)
+    cfg = TrainConfig(epochs=3, batch_size=8, device="cpu")
+    full = _model("vae")
+    T.train_model(full, x, x[:4], cfg, tmp_path / "full", progress=False)
+    ck = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert ck["scaler"]["scale"] < 65536.0  # the first steps overflowed: the scale was lowered, those steps skipped
+    with pytest.raises(_Interrupt):
+        T.train_model(_model("vae"), x, x[:4], cfg, tmp_path / "part", progress=False, objective=_wrap_default(cfg, stop_at=8))
+    resumed = _model("vae")
+    T.train_model(resumed, x, x[:4], cfg, tmp_path / "part", progress=False)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()): assert torch.equal(a, b)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["scaler"] == ck["scaler"]
+
+
+def test_tensorboard_scalars_written(tmp_path, monkeypatch):
+    "With tensorboard importable, every logged number goes to ckpt_dir/tb (a stand-in SummaryWriter records the calls)."
+    import sys, types
+    calls = []
+    class Writer:
+        def __init__(self, logdir): calls.append(("init", logdir))
+        def add_scalar(self, tag, value, step): calls.append((tag, step))
+        def flush(self): pass
+        def close(self): calls.append(("close",))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    x = _data(n=16)
+    train_model(_model("ae"), x, x[:4], TrainConfig(epochs=2, batch_size=8, device="cpu", tensorboard=True), tmp_path, progress=False)
+    assert calls[0] == ("init", str(tmp_path / "tb")) and calls[-1] == ("close",)
+    assert {c for c in calls[1:-1]} == {(t, e) for e in (1, 2) for t in ("train_loss", "val_loss", "seconds", "lr", "train_recon")}
