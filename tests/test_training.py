@@ -247,3 +247,38 @@ def test_tensorboard_scalars_written(tmp_path, monkeypatch):
     train_model(_model("ae"), x, x[:4], TrainConfig(epochs=2, batch_size=8, device="cpu", tensorboard=True), tmp_path, progress=False)
     assert calls[0] == ("init", str(tmp_path / "tb")) and calls[-1] == ("close",)
     assert {c for c in calls[1:-1]} == {(t, e) for e in (1, 2) for t in ("train_loss", "val_loss", "seconds", "lr", "train_recon")}
+
+
+def _reference_loop(model, train, val, cfg):
+    "The training loop as it was before issue 5 (commit c5b95c3), minus files and progress: the defaults must equal it bit for bit."
+    from uad_study.models.baselines import model_loss
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(cfg.seed); hist = []
+    for epoch in range(cfg.epochs):
+        model.train(); tot, seen = 0.0, 0
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(train), generator=g).numpy()
+        for idx in [np.sort(perm[i:i + cfg.batch_size]) for i in range(0, len(train), cfg.batch_size)]:
+            x = torch.from_numpy(np.array(train[idx], np.float32))[:, None]
+            loss, _ = model_loss(model, x, model(x), cfg.recon, cfg.kl_weight)
+            opt.zero_grad(set_to_none=True); loss.backward()
+            if cfg.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step(); tot += loss.item() * len(x); seen += len(x)
+        rng = torch.get_rng_state(); model.eval(); vt, vn = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(val), cfg.batch_size):
+                x = torch.from_numpy(np.array(val[i:i + cfg.batch_size], np.float32))[:, None]
+                vt += model_loss(model, x, model(x), cfg.recon, cfg.kl_weight)[0].item() * len(x); vn += len(x)
+        torch.set_rng_state(rng); hist.append((tot / seen, vt / vn))
+    return hist
+
+
+@pytest.mark.parametrize("name", ["ae", "vae"])
+def test_defaults_equal_the_pre_issue5_loop(tmp_path, name):
+    x = _data(n=43)
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", seed=5)
+    a, b = _model(name), _model(name)
+    h = train_model(a, x, x[:9], cfg, tmp_path, progress=False)
+    ref = _reference_loop(b, x, x[:9], cfg)
+    assert [(r["train_loss"], r["val_loss"]) for r in h] == ref
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), k
