@@ -282,3 +282,20 @@ def test_defaults_equal_the_pre_issue5_loop(tmp_path, name):
     ref = _reference_loop(b, x, x[:9], cfg)
     assert [(r["train_loss"], r["val_loss"]) for r in h] == ref
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), k
+
+
+def test_distributed_settings_without_a_process_group(monkeypatch):
+    "torchrun's variables are read before any process group exists; a pinned GPU index is refused under torchrun."
+    from uad_study.core import UADInputError
+    from uad_study.training import DistInfo, _restore_rng, dist_info, init_distributed
+    monkeypatch.setenv("RANK", "3"); monkeypatch.setenv("WORLD_SIZE", "4"); monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_info() == DistInfo(3, 4, 1, False)
+    with pytest.raises(UADInputError, match="cuda:LOCAL_RANK"):
+        init_distributed("cuda:1")
+    # a checkpoint of one process resumed by several: the random streams are re-seeded per process, with a warning
+    ck = {"torch_rng": torch.get_rng_state()}
+    with pytest.warns(UserWarning, match="re-seeded"):
+        _restore_rng(ck, DistInfo(0, 2, 0, True), torch.device("cpu"), seed=0, epoch=1)
+    a = torch.rand(1)
+    _restore_rng(ck, DistInfo(1, 2, 1, False), torch.device("cpu"), seed=0, epoch=1)  # only process 0 warns
+    assert not torch.equal(a, torch.rand(1))
