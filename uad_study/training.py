@@ -7,6 +7,7 @@ Docs: https://uad-study.github.io/uad_study/training.html.md"""
 # %% ../nbs/07_training.ipynb #b1d9d2d6
 from __future__ import annotations
 import atexit, contextlib, csv, io, math, os, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -194,6 +195,16 @@ def _batches(n: int, bs: int, seed: int, epoch: int, drop_last: bool = False):
     perm = torch.randperm(n, generator=g).numpy()
     return [np.sort(perm[i:i + bs]) for i in range(0, n - n % bs if drop_last else n, bs)]
 
+def _prefetch(load: Callable, items: list):
+    "Yield `load(item)` for the items in order, loading the next one in a background thread meanwhile."
+    if not items: return
+    with ThreadPoolExecutor(1, thread_name_prefix="uad-prefetch") as ex:
+        nxt = ex.submit(load, items[0])
+        for i in range(len(items)):
+            cur = nxt.result()
+            if i + 1 < len(items): nxt = ex.submit(load, items[i + 1])
+            yield cur
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device,
                   objective: Objective | None = None,  # default: default_objective(cfg)
@@ -251,6 +262,11 @@ def train_model(model: nn.Module,
         _warn_changed(ck.get("train_config", {}), cfg, last, main)
     del ck
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    cuda = device.type == "cuda"
+    def load(batch):  # (global batch, this process's piece) -> the piece as a CPU tensor (B, 1, H, W), pinned for CUDA
+        idx, mine = batch
+        xb = torch.from_numpy(np.array(train[mine if len(mine) else idx], np.float32))[:, None]
+        return xb.pin_memory() if cuda else xb
     tb = _tb_writer(ckpt_dir) if main and cfg.tensorboard else None
     bar = tqdm(total=cfg.epochs * n_steps, initial=start * n_steps, desc=f"train {name}", disable=not (progress and main),
                unit="batch", dynamic_ncols=True)
@@ -258,12 +274,12 @@ def train_model(model: nn.Module,
         for epoch in range(start, cfg.epochs):
             if es["stopped"]: break
             net.train(); t0 = time.perf_counter(); tot, seen, psum = 0.0, 0, {}
-            for step, idx in enumerate(_batches(len(train), cfg.batch_size, cfg.seed, epoch, cfg.drop_last)):
+            shards = [(idx, np.array_split(idx, world)[info.rank] if world > 1 else idx)
+                      for idx in _batches(len(train), cfg.batch_size, cfg.seed, epoch, cfg.drop_last)]
+            for step, ((idx, mine), xb) in enumerate(zip(shards, (_prefetch if cuda else map)(load, shards))):
                 lr = lr_at(cfg, epoch * n_steps + step, n_steps)
                 for g in opt.param_groups: g["lr"] = lr
-                mine = np.array_split(idx, world)[info.rank] if world > 1 else idx
-                n_mine = len(mine)
-                x = torch.from_numpy(np.array(train[mine if n_mine else idx], np.float32))[:, None].to(device)
+                n_mine, x = len(mine), xb.to(device, non_blocking=True)
                 with _autocast(device, dtype): loss, parts = objective(net, x)
                 lv, parts = loss.item(), {k: float(v) for k, v in parts.items()}
                 if world > 1:  # one all-reduce: the global sums for the log, and whether any process saw a non-finite loss
