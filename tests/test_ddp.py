@@ -52,7 +52,8 @@ def run(out):
         for case, n in CASES:
             torch.manual_seed(rank)  # a different start on each process: DDP must broadcast process 0's weights
             m = TinyAE()
-            hist = T.train_model(m, x[:n], x[-6:], T.TrainConfig(**CFG), out / f"ckpt_{case}", progress=False, name=case)
+            hist = T.train_model(m, x[:n], x[-6:], T.TrainConfig(**CFG), out / f"ckpt_{case}", progress=False, name=case,
+                                 ddp_kwargs={"broadcast_buffers": True})  # passed through to DistributedDataParallel
             res[case] = {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in hist],
                          "state": {k: v.tolist() for k, v in m.state_dict().items()}}
         # resume under DDP: a crash in epoch 2 (every process at the same step), then resume; a noisy objective

@@ -233,6 +233,7 @@ def train_model(model: nn.Module,
                 progress: bool = True,
                 name: str = "model",          # shown on the progress bar and in error messages
                 objective: Objective | None = None,  # (model, x) -> (loss, parts); default: default_objective(cfg)
+                ddp_kwargs: dict | None = None,      # under DDP: more DistributedDataParallel arguments, e.g. find_unused_parameters=True
                 ) -> list[dict]:
     "Train `model` in place; returns the per-epoch history (also written to `train_log.csv`). Under torchrun: DDP, same code."
     if len(train) == 0: raise UADInputError("no training slices", 0)
@@ -261,7 +262,8 @@ def train_model(model: nn.Module,
         _restore_rng(ck, info, device, cfg.seed, start)
         _warn_changed(ck.get("train_config", {}), cfg, last, main)
     del ck
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **(ddp_kwargs or {}))
+           if world > 1 else model)
     cuda = device.type == "cuda"
     def load(batch):  # (global batch, this process's piece) -> the piece as a CPU tensor (B, 1, H, W), pinned for CUDA
         idx, mine = batch
