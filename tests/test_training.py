@@ -299,3 +299,11 @@ def test_distributed_settings_without_a_process_group(monkeypatch):
     a = torch.rand(1)
     _restore_rng(ck, DistInfo(1, 2, 1, False), torch.device("cpu"), seed=0, epoch=1)  # only process 0 warns
     assert not torch.equal(a, torch.rand(1))
+
+
+def test_evaluate_loss_ignores_torchrun_variables_without_a_group(monkeypatch):
+    from uad_study.training import evaluate_loss
+    x, m, cfg = _data(n=12), _model("ae"), TrainConfig(batch_size=4, device="cpu")
+    whole = evaluate_loss(m, x, cfg, "cpu")
+    monkeypatch.setenv("RANK", "1"); monkeypatch.setenv("WORLD_SIZE", "2")
+    assert evaluate_loss(m, x, cfg, "cpu") == whole

@@ -210,7 +210,8 @@ def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device,
                   objective: Objective | None = None,  # default: default_objective(cfg)
                   ) -> float:
     "Mean loss over `data` in eval mode (deterministic; RNG states left as found; under DDP shared out and reduced)."
-    device, net, info = torch.device(device), unwrap_model(model), dist_info()
+    device, net = torch.device(device), unwrap_model(model)
+    info = dist_info() if dist.is_available() and dist.is_initialized() else DistInfo()  # shares need a group to sum them
     objective, dtype = objective or default_objective(cfg), amp_dtype(cfg.amp, device)
     lo, hi = (len(data) * info.rank // info.world_size, len(data) * (info.rank + 1) // info.world_size)
     net.eval(); tot, n = 0.0, 0
@@ -219,7 +220,7 @@ def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device,
             x = torch.from_numpy(np.array(data[i:min(i + cfg.batch_size, hi)], np.float32))[:, None].to(device)
             with _autocast(device, dtype): loss, _ = objective(net, x)
             tot += loss.item() * len(x); n += len(x)
-    if info.world_size > 1 and dist.is_initialized():
+    if info.world_size > 1:
         t = torch.tensor([tot, n], dtype=torch.float64, device=device); dist.all_reduce(t); tot, n = t.tolist()
     return tot / max(n, 1)
 
