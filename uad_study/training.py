@@ -310,7 +310,8 @@ def train_model(model: nn.Module,
             if world > 1:  # process 0's BatchNorm statistics everywhere: identical models for validation and saving
                 for b in model.buffers(): dist.broadcast(b, 0)
             row = {"epoch": epoch + 1, "train_loss": tot / seen, "val_loss": float("nan"),
-                   "seconds": time.perf_counter() - t0, "lr": lr, **{f"train_{k}": v / seen for k, v in psum.items()}}
+                   "seconds": time.perf_counter() - t0, "lr": lr}
+            row.update({f"train_{k}": v / seen for k, v in psum.items() if f"train_{k}" not in row})  # a part named "loss" is the loss
             improved = False
             if val is not None and len(val) and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 row["val_loss"] = v = evaluate_loss(net, val, cfg, device, objective)
