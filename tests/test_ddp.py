@@ -52,9 +52,23 @@ def run(out):
         for case, n in CASES:
             torch.manual_seed(rank)  # a different start on each process: DDP must broadcast process 0's weights
             m = TinyAE()
-            hist = T.train_model(m, x[:n], x[-6:], T.TrainConfig(**CFG), out / f"ckpt_{case}", progress=False, name=case)
+            hist = T.train_model(m, x[:n], x[-6:], T.TrainConfig(**CFG), out / f"ckpt_{case}", progress=False, name=case,
+                                 ddp_kwargs={"broadcast_buffers": True})  # passed through to DistributedDataParallel
             res[case] = {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in hist],
                          "state": {k: v.tolist() for k, v in m.state_dict().items()}}
+        # resume under DDP: a crash in epoch 2 (every process at the same step), then resume; a noisy objective
+        # (its own random stream per process) must continue bit-for-bit
+        for case in ("noisy_full", "noisy_resumed"):
+            torch.manual_seed(rank); m = TinyAE(); n_calls = [0]
+            def noisy(model, xb, crash=case != "noisy_full"):
+                n_calls[0] += 1  # 3 steps and 1 validation batch per epoch: call 5 is epoch 2's first step
+                if crash and n_calls[0] == 5: raise KeyboardInterrupt
+                out = model(xb + 0.1 * torch.randn_like(xb))
+                return ((out["recon"] - xb) ** 2).mean(), {}
+            cfg = T.TrainConfig(**CFG)
+            try: T.train_model(m, x[:21], x[-6:], cfg, out / f"ckpt_{case}", progress=False, objective=noisy)
+            except KeyboardInterrupt: T.train_model(m, x[:21], x[-6:], cfg, out / f"ckpt_{case}", progress=False, objective=noisy)
+            res[case] = {"state": {k: v.tolist() for k, v in m.state_dict().items()}}
     finally:
         T.save_checkpoint, T._write_log = save, log
     return {"rank": rank, "world_size": T.dist_info().world_size, "calls": calls, "cases": res}
@@ -91,9 +105,9 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     single = case.run(single_dir)
     assert single["world_size"] == 1
 
-    # only process 0 wrote checkpoints and logs (2 cases x 2 epochs of last.pt; best.pt when val improved)
+    # only process 0 wrote checkpoints and logs (4 runs x 2 epochs of last.pt and the log; best.pt when val improved)
     assert ranks[1]["calls"] == {"save_checkpoint": 0, "write_log": 0}
-    assert ranks[0]["calls"]["write_log"] == 4 and ranks[0]["calls"]["save_checkpoint"] >= 4
+    assert ranks[0]["calls"]["write_log"] == 4 * 2 and ranks[0]["calls"]["save_checkpoint"] >= 4
     for name, _ in case.CASES:
         d = ddp / f"ckpt_{name}"
         assert (d / "last.pt").exists() and (d / "train_log.csv").exists()
@@ -115,3 +129,5 @@ def test_two_process_ddp_matches_single_process(tmp_path):
             assert abs(hd["train_loss"] - hs["train_loss"]) < 1e-5 * hs["train_loss"]
             assert abs(hd["val_loss"] - hs["val_loss"]) < 1e-5 * hs["val_loss"]
         assert ranks[0]["cases"][name]["history"] == ranks[1]["cases"][name]["history"]
+    for r in ranks + [single]:  # a crash and a resume continue bit-for-bit, on one process and on two
+        assert r["cases"]["noisy_full"] == r["cases"]["noisy_resumed"], f"rank {r['rank']} of {r['world_size']}: resume differs"

@@ -83,7 +83,7 @@ def _noisy(calls=None, stop_at=None):
         if calls is not None: calls.append(len(x))
         out = model(x + 0.05 * torch.randn_like(x))
         loss = ((out["recon"] - x) ** 2).mean()
-        return loss, {"mse": loss.detach()}
+        return loss, {"mse": loss.detach(), "loss": loss.detach()}  # a part named "loss" does not replace train_loss
     return objective
 
 
@@ -199,3 +199,111 @@ def test_bad_config_is_a_clear_error():
     from uad_study.core import UADInputError
     with pytest.raises(UADInputError, match="amp must be one of"): TrainConfig(amp="half")
     with pytest.raises(UADInputError, match="early_stop_patience must be"): TrainConfig(early_stop_patience=0)
+
+
+def test_resume_with_changed_settings_warns(tmp_path):
+    x = _data(n=16)
+    train_model(_model("ae"), x, None, TrainConfig(epochs=1, batch_size=8, device="cpu"), tmp_path, progress=False)
+    with pytest.warns(UserWarning, match=r"lr: 0.001 -> 0.002"):
+        train_model(_model("ae"), x, None, TrainConfig(epochs=2, batch_size=8, device="cpu", lr=2e-3), tmp_path, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # more epochs of a constant schedule: no warning
+        train_model(_model("ae"), x, None, TrainConfig(epochs=3, batch_size=8, device="cpu", lr=2e-3), tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="no validation slices: early stopping is off"):
+        train_model(_model("ae"), x, None, TrainConfig(epochs=1, batch_size=8, device="cpu", early_stop_patience=2), tmp_path / "n",
+                    progress=False)
+
+
+def test_fp16_loss_scaler_is_checkpointed(tmp_path, monkeypatch):
+    "The fp16 path (GradScaler: scale, unscale before clipping, skip inf steps) on CPU, and its state across a resume."
+    import uad_study.training as T
+    monkeypatch.setattr(T, "amp_dtype", lambda amp, device: torch.float16)  # fp16 is CUDA-only in the config; CPU autocast can run it
+    x = _data(n=24)
+    cfg = TrainConfig(epochs=3, batch_size=8, device="cpu")
+    full = _model("vae")
+    T.train_model(full, x, x[:4], cfg, tmp_path / "full", progress=False)
+    ck = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert ck["scaler"]["scale"] < 65536.0  # the first steps overflowed: the scale was lowered, those steps skipped
+    with pytest.raises(_Interrupt):
+        T.train_model(_model("vae"), x, x[:4], cfg, tmp_path / "part", progress=False, objective=_wrap_default(cfg, stop_at=8))
+    resumed = _model("vae")
+    T.train_model(resumed, x, x[:4], cfg, tmp_path / "part", progress=False)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()): assert torch.equal(a, b)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["scaler"] == ck["scaler"]
+
+
+def test_tensorboard_scalars_written(tmp_path, monkeypatch):
+    "With tensorboard importable, every logged number goes to ckpt_dir/tb (a stand-in SummaryWriter records the calls)."
+    import sys, types
+    calls = []
+    class Writer:
+        def __init__(self, logdir): calls.append(("init", logdir))
+        def add_scalar(self, tag, value, step): calls.append((tag, step))
+        def flush(self): pass
+        def close(self): calls.append(("close",))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    x = _data(n=16)
+    train_model(_model("ae"), x, x[:4], TrainConfig(epochs=2, batch_size=8, device="cpu", tensorboard=True), tmp_path, progress=False)
+    assert calls[0] == ("init", str(tmp_path / "tb")) and calls[-1] == ("close",)
+    assert {c for c in calls[1:-1]} == {(t, e) for e in (1, 2) for t in ("train_loss", "val_loss", "seconds", "lr", "train_recon")}
+
+
+def _reference_loop(model, train, val, cfg):
+    "The training loop as it was before issue 5 (commit c5b95c3), minus files and progress: the defaults must equal it bit for bit."
+    from uad_study.models.baselines import model_loss
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(cfg.seed); hist = []
+    for epoch in range(cfg.epochs):
+        model.train(); tot, seen = 0.0, 0
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(train), generator=g).numpy()
+        for idx in [np.sort(perm[i:i + cfg.batch_size]) for i in range(0, len(train), cfg.batch_size)]:
+            x = torch.from_numpy(np.array(train[idx], np.float32))[:, None]
+            loss, _ = model_loss(model, x, model(x), cfg.recon, cfg.kl_weight)
+            opt.zero_grad(set_to_none=True); loss.backward()
+            if cfg.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step(); tot += loss.item() * len(x); seen += len(x)
+        rng = torch.get_rng_state(); model.eval(); vt, vn = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(val), cfg.batch_size):
+                x = torch.from_numpy(np.array(val[i:i + cfg.batch_size], np.float32))[:, None]
+                vt += model_loss(model, x, model(x), cfg.recon, cfg.kl_weight)[0].item() * len(x); vn += len(x)
+        torch.set_rng_state(rng); hist.append((tot / seen, vt / vn))
+    return hist
+
+
+@pytest.mark.parametrize("name", ["ae", "vae"])
+def test_defaults_equal_the_pre_issue5_loop(tmp_path, name):
+    x = _data(n=43)
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", seed=5)
+    a, b = _model(name), _model(name)
+    h = train_model(a, x, x[:9], cfg, tmp_path, progress=False)
+    ref = _reference_loop(b, x, x[:9], cfg)
+    assert [(r["train_loss"], r["val_loss"]) for r in h] == ref
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(p, q), k
+
+
+def test_distributed_settings_without_a_process_group(monkeypatch):
+    "torchrun's variables are read before any process group exists; a pinned GPU index is refused under torchrun."
+    from uad_study.core import UADInputError
+    from uad_study.training import DistInfo, _restore_rng, dist_info, init_distributed
+    monkeypatch.setenv("RANK", "3"); monkeypatch.setenv("WORLD_SIZE", "4"); monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist_info() == DistInfo(3, 4, 1, False)
+    with pytest.raises(UADInputError, match="cuda:LOCAL_RANK"):
+        init_distributed("cuda:1")
+    # a checkpoint of one process resumed by several: the random streams are re-seeded per process, with a warning
+    ck = {"torch_rng": torch.get_rng_state()}
+    with pytest.warns(UserWarning, match="re-seeded"):
+        _restore_rng(ck, DistInfo(0, 2, 0, True), torch.device("cpu"), seed=0, epoch=1)
+    a = torch.rand(1)
+    _restore_rng(ck, DistInfo(1, 2, 1, False), torch.device("cpu"), seed=0, epoch=1)  # only process 0 warns
+    assert not torch.equal(a, torch.rand(1))
+
+
+def test_evaluate_loss_ignores_torchrun_variables_without_a_group(monkeypatch):
+    from uad_study.training import evaluate_loss
+    x, m, cfg = _data(n=12), _model("ae"), TrainConfig(batch_size=4, device="cpu")
+    whole = evaluate_loss(m, x, cfg, "cpu")
+    monkeypatch.setenv("RANK", "1"); monkeypatch.setenv("WORLD_SIZE", "2")
+    assert evaluate_loss(m, x, cfg, "cpu") == whole

@@ -7,6 +7,7 @@ Docs: https://uad-study.github.io/uad_study/training.html.md"""
 # %% ../nbs/07_training.ipynb #b1d9d2d6
 from __future__ import annotations
 import atexit, contextlib, csv, io, math, os, time, warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -194,12 +195,23 @@ def _batches(n: int, bs: int, seed: int, epoch: int, drop_last: bool = False):
     perm = torch.randperm(n, generator=g).numpy()
     return [np.sort(perm[i:i + bs]) for i in range(0, n - n % bs if drop_last else n, bs)]
 
+def _prefetch(load: Callable, items: list):
+    "Yield `load(item)` for the items in order, loading the next one in a background thread meanwhile."
+    if not items: return
+    with ThreadPoolExecutor(1, thread_name_prefix="uad-prefetch") as ex:
+        nxt = ex.submit(load, items[0])
+        for i in range(len(items)):
+            cur = nxt.result()
+            if i + 1 < len(items): nxt = ex.submit(load, items[i + 1])
+            yield cur
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device,
                   objective: Objective | None = None,  # default: default_objective(cfg)
                   ) -> float:
     "Mean loss over `data` in eval mode (deterministic; RNG states left as found; under DDP shared out and reduced)."
-    device, net, info = torch.device(device), unwrap_model(model), dist_info()
+    device, net = torch.device(device), unwrap_model(model)
+    info = dist_info() if dist.is_available() and dist.is_initialized() else DistInfo()  # shares need a group to sum them
     objective, dtype = objective or default_objective(cfg), amp_dtype(cfg.amp, device)
     lo, hi = (len(data) * info.rank // info.world_size, len(data) * (info.rank + 1) // info.world_size)
     net.eval(); tot, n = 0.0, 0
@@ -208,7 +220,7 @@ def evaluate_loss(model: nn.Module, data: np.ndarray, cfg: TrainConfig, device,
             x = torch.from_numpy(np.array(data[i:min(i + cfg.batch_size, hi)], np.float32))[:, None].to(device)
             with _autocast(device, dtype): loss, _ = objective(net, x)
             tot += loss.item() * len(x); n += len(x)
-    if info.world_size > 1 and dist.is_initialized():
+    if info.world_size > 1:
         t = torch.tensor([tot, n], dtype=torch.float64, device=device); dist.all_reduce(t); tot, n = t.tolist()
     return tot / max(n, 1)
 
@@ -222,6 +234,7 @@ def train_model(model: nn.Module,
                 progress: bool = True,
                 name: str = "model",          # shown on the progress bar and in error messages
                 objective: Objective | None = None,  # (model, x) -> (loss, parts); default: default_objective(cfg)
+                ddp_kwargs: dict | None = None,      # under DDP: more DistributedDataParallel arguments, e.g. find_unused_parameters=True
                 ) -> list[dict]:
     "Train `model` in place; returns the per-epoch history (also written to `train_log.csv`). Under torchrun: DDP, same code."
     if len(train) == 0: raise UADInputError("no training slices", 0)
@@ -229,6 +242,8 @@ def train_model(model: nn.Module,
     if n_steps == 0: raise UADInputError(f"drop_last=True with fewer training slices than batch_size {cfg.batch_size} leaves no batch", len(train))
     device, info = init_distributed(cfg.device)
     world, main = info.world_size, info.is_main
+    if cfg.early_stop_patience and (val is None or not len(val)) and main:
+        warnings.warn(f"{name}: early_stop_patience={cfg.early_stop_patience} but no validation slices: early stopping is off", stacklevel=2)
     ckpt_dir = Path(ckpt_dir); last, best_pt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     if main: ckpt_dir.mkdir(parents=True, exist_ok=True)
     objective = objective or default_objective(cfg)
@@ -246,8 +261,15 @@ def train_model(model: nn.Module,
         if ck.get("scaler"): scaler.load_state_dict(ck["scaler"])
         es = ck.get("early_stop", es)
         _restore_rng(ck, info, device, cfg.seed, start)
+        _warn_changed(ck.get("train_config", {}), cfg, last, main)
     del ck
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **(ddp_kwargs or {}))
+           if world > 1 else model)
+    cuda = device.type == "cuda"
+    def load(batch):  # (global batch, this process's piece) -> the piece as a CPU tensor (B, 1, H, W), pinned for CUDA
+        idx, mine = batch
+        xb = torch.from_numpy(np.array(train[mine if len(mine) else idx], np.float32))[:, None]
+        return xb.pin_memory() if cuda else xb
     tb = _tb_writer(ckpt_dir) if main and cfg.tensorboard else None
     bar = tqdm(total=cfg.epochs * n_steps, initial=start * n_steps, desc=f"train {name}", disable=not (progress and main),
                unit="batch", dynamic_ncols=True)
@@ -255,12 +277,12 @@ def train_model(model: nn.Module,
         for epoch in range(start, cfg.epochs):
             if es["stopped"]: break
             net.train(); t0 = time.perf_counter(); tot, seen, psum = 0.0, 0, {}
-            for step, idx in enumerate(_batches(len(train), cfg.batch_size, cfg.seed, epoch, cfg.drop_last)):
+            shards = [(idx, np.array_split(idx, world)[info.rank] if world > 1 else idx)
+                      for idx in _batches(len(train), cfg.batch_size, cfg.seed, epoch, cfg.drop_last)]
+            for step, ((idx, mine), xb) in enumerate(zip(shards, (_prefetch if cuda else map)(load, shards))):
                 lr = lr_at(cfg, epoch * n_steps + step, n_steps)
                 for g in opt.param_groups: g["lr"] = lr
-                mine = np.array_split(idx, world)[info.rank] if world > 1 else idx
-                n_mine = len(mine)
-                x = torch.from_numpy(np.array(train[mine if n_mine else idx], np.float32))[:, None].to(device)
+                n_mine, x = len(mine), xb.to(device, non_blocking=True)
                 with _autocast(device, dtype): loss, parts = objective(net, x)
                 lv, parts = loss.item(), {k: float(v) for k, v in parts.items()}
                 if world > 1:  # one all-reduce: the global sums for the log, and whether any process saw a non-finite loss
@@ -288,7 +310,8 @@ def train_model(model: nn.Module,
             if world > 1:  # process 0's BatchNorm statistics everywhere: identical models for validation and saving
                 for b in model.buffers(): dist.broadcast(b, 0)
             row = {"epoch": epoch + 1, "train_loss": tot / seen, "val_loss": float("nan"),
-                   "seconds": time.perf_counter() - t0, "lr": lr, **{f"train_{k}": v / seen for k, v in psum.items()}}
+                   "seconds": time.perf_counter() - t0, "lr": lr}
+            row.update({f"train_{k}": v / seen for k, v in psum.items() if f"train_{k}" not in row})  # a part named "loss" is the loss
             improved = False
             if val is not None and len(val) and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 row["val_loss"] = v = evaluate_loss(net, val, cfg, device, objective)
@@ -322,6 +345,15 @@ def train_model(model: nn.Module,
         if undo_sync_bn is not None: undo_sync_bn()
     model.eval()
     return history
+
+def _warn_changed(saved: dict, cfg: TrainConfig, path: Path, main: bool) -> None:
+    "Warn when a run is resumed with settings that change its numbers (more epochs of a constant schedule are fine)."
+    free = {"device", "tensorboard", "val_every"} | ({"epochs"} if cfg.schedule == "constant" else set())
+    now = asdict(cfg)
+    diff = {k: (v, now[k]) for k, v in saved.items() if k in now and k not in free and v != now[k]}
+    if diff and main:
+        warnings.warn(f"{path}: resumed with settings that differ from the checkpoint's ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}); "
+                      "the run will not match an uninterrupted one", stacklevel=3)
 
 def _tb_writer(ckpt_dir: Path):
     try: from torch.utils.tensorboard import SummaryWriter
