@@ -17,6 +17,21 @@ from .core import UADInputError
 __all__ = ['build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #a71ced74
+def _study_args(sp, profiles: list, default: str, out: str, ixi_help: str, brats_help: str, res_rule: str) -> None:
+    "The options every study command shares: profile, run folder, data roots, size, seed, device, resume/overwrite."
+    sp.add_argument("--profile", default=default, choices=profiles, help=f"size preset (default: {default})")
+    sp.add_argument("--out", dest="out_dir", help=f"run folder (default: {out})")
+    sp.add_argument("--ixi-root", help=ixi_help)
+    sp.add_argument("--brats-root", help=brats_help)
+    sp.add_argument("--epochs", type=int, help="training epochs per model")
+    sp.add_argument("--resolution", type=int, help=f"slice size in pixels ({res_rule})")
+    sp.add_argument("--seed", type=int, help="seed for data selection, splits, initialisation, noise and shuffling")
+    sp.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an existing run folder from its checkpoints")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `uad-study` with its sub-commands."
     p = argparse.ArgumentParser(prog="uad-study", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -34,19 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics.csv, split.csv, anomaly maps as NIfTI (maps/MODEL/), figures with their data "
                                    "(figures/) and checkpoints (models/MODEL/). Data default to the embedded phantom, "
                                    "generated on first use into data/.")
-    d.add_argument("--profile", default="demo", choices=["demo", "smoke"], help="size preset (default: demo)")
-    d.add_argument("--out", dest="out_dir", help="run folder (default: runs/<profile>)")
-    d.add_argument("--ixi-root", help="real IXI T2 folder (default: embedded phantom)")
-    d.add_argument("--brats-root", help="real BraTS 2020 training folder (default: embedded phantom)")
-    d.add_argument("--epochs", type=int, help="training epochs per model")
-    d.add_argument("--resolution", type=int, help="slice size in pixels (divisible by 2**levels)")
-    d.add_argument("--seed", type=int, help="seed for data, splits, initialisation and shuffling")
+    _study_args(d, ["demo", "smoke"], "demo", "runs/<profile>", "real IXI T2 folder (default: embedded phantom)",
+                "real BraTS 2020 training folder (default: embedded phantom)", "divisible by 2**levels")
     d.add_argument("--models", nargs="+", choices=["ae", "vae"], help="models to train (default: ae vae)")
-    d.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    g = d.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an existing run folder from its checkpoints")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     t = sub.add_parser("trivae", help="run the Tri-VAE study (Tables 1-2, Figs. 4-7); works under torchrun for several GPUs",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,23 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "      --brats-root /data/MICCAI_BraTS2020_TrainingData\n"
                               "  torchrun --standalone --nproc_per_node 4 -m uad_study.cli trivae --profile paper \\\n"
                               "      --ixi-root /data/IXI-T2-hdbet --brats-root /data/MICCAI_BraTS2020_TrainingData")
-    t.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "paper"], help="size preset (default: smoke)")
-    t.add_argument("--out", dest="out_dir", help="run folder (default: runs/trivae-<profile>)")
-    t.add_argument("--ixi-root", help="skull-stripped IXI T2 folder (default: embedded data)")
-    t.add_argument("--brats-root", help="BraTS 2020 training folder (default: embedded data)")
+    _study_args(t, ["smoke", "cpu", "paper"], "smoke", "runs/trivae-<profile>",
+                "skull-stripped IXI T2 folder (default: embedded data)", "BraTS 2020 training folder (default: embedded data)",
+                "a multiple of 32")
     t.add_argument("--models", nargs="+", metavar="MODEL",
                    help="models to train: vae abl-triplet abl-skips abl-gcs abl-coarse-loss trivae-coarse trivae-simplex "
                         "dae-coarse dae-simplex (default: the profile's)")
-    t.add_argument("--epochs", type=int, help="training epochs per model")
-    t.add_argument("--resolution", type=int, help="slice size in pixels (a multiple of 32)")
     t.add_argument("--batch-size", type=int, help="global batch size (Tri-VAE: thirds are anchor/positive/negative)")
     t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--seed", type=int, help="seed for data selection, initialisation, noise and shuffling")
-    t.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue an existing run folder from its checkpoints")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ph = sub.add_parser("phantom", help="generate (or find) the embedded phantom cohort and print where it is",
                         description="Generate the embedded phantom (healthy IXI-like and BraTS-like tumour subjects "

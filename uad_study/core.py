@@ -15,7 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['UADInputError', 'project_root', 'data_dir', 'resolve_path', 'seed_everything', 'get_device', 'atomic_path',
-           'atomic_write_text', 'to_json', 'atomic_write_json', 'atomic_dir', 'config_hash', 'prepare_run_dir', 'Timer']
+           'atomic_write_text', 'to_json', 'atomic_write_json', 'atomic_dir', 'config_hash', 'prepare_run_dir',
+           'profile_config', 'Timer']
 
 # %% ../nbs/00_core.ipynb #c1a73914
 class UADInputError(ValueError):
@@ -159,6 +160,21 @@ def prepare_run_dir(out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_file, config)
     return out
+
+# %% ../nbs/00_core.ipynb #b27f3ab4
+def profile_config(cls: type,              # the config dataclass (it has a `profile` field)
+                   profiles: dict,         # profile name -> field values
+                   profile: str,           # the chosen profile
+                   overrides: dict,        # field -> value; None values are ignored
+                   what: str = "parameters",  # how errors name the fields, e.g. "quickstart parameters"
+                   ):
+    "Instance of `cls` with a profile's values and `overrides` on top (lists become tuples)."
+    if profile not in profiles: raise UADInputError(f"profile must be one of {sorted(profiles)}", profile)
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides) - names)
+    if bad: raise UADInputError(f"unknown {what} (known: {sorted(names)})", bad)
+    kw = {**profiles[profile], **{k: v for k, v in overrides.items() if v is not None}, "profile": profile}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})
 
 # %% ../nbs/00_core.ipynb #afb28597
 class Timer:

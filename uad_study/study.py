@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import uad_study
-from .core import (Timer, UADInputError, atomic_path, atomic_write_json, get_device, prepare_run_dir,
+from .core import (Timer, UADInputError, atomic_path, atomic_write_json, get_device, prepare_run_dir, profile_config,
                             project_root, resolve_path, seed_everything)
 from .io import Subject, save_like
 from .datasets import find_brats, find_ixi_subjects
@@ -31,8 +31,8 @@ from .metrics import (EvalProtocol, PixelMetricsAccumulator, evaluate_protocol, 
 from .figures import PANEL_COLUMNS, plot_panels, plot_pr_curves
 
 # %% auto #0
-__all__ = ['PROFILES', 'EVALUATION_SPACE', 'QuickstartConfig', 'quickstart_config', 'quickstart_data', 'subject_volumes',
-           'accumulate_maps', 'evaluate_maps', 'environment_info', 'write_maps', 'run_quickstart',
+__all__ = ['PROFILES', 'EVALUATION_SPACE', 'QuickstartConfig', 'quickstart_config', 'study_roots', 'quickstart_data',
+           'subject_volumes', 'accumulate_maps', 'evaluate_maps', 'environment_info', 'write_maps', 'run_quickstart',
            'phantom_qc_montages']
 
 # %% ../nbs/13_study.ipynb #22698a9e
@@ -71,32 +71,31 @@ PROFILES = {
 }
 
 def quickstart_config(profile: str = "demo", **overrides) -> QuickstartConfig:
-    "The config of a profile, with `overrides` (unknown keys are an error)."
-    if profile not in PROFILES: raise UADInputError(f"profile must be one of {sorted(PROFILES)}", profile)
-    names = {f.name for f in dataclasses.fields(QuickstartConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad: raise UADInputError(f"unknown quickstart parameters (known: {sorted(names)})", bad)
-    kw = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}, "profile": profile}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    return QuickstartConfig(**kw)
+    "The config of a profile, with `overrides` (None values ignored; unknown keys are an error)."
+    return profile_config(QuickstartConfig, PROFILES, profile, overrides, "quickstart parameters")
 
 # %% ../nbs/13_study.ipynb #6a05907e
-def quickstart_data(cfg: QuickstartConfig, progress: bool = True) -> dict:
-    "Subjects of the quickstart: train/val healthy, test tumour; generates the phantom on first use."
+def study_roots(cfg, progress: bool = True) -> tuple[Path, Path, dict]:
+    "IXI and BraTS roots of a study config (`ixi_root`, `brats_root`), or the embedded data, generated on first use."
     info = {}
     if not cfg.ixi_root or not cfg.brats_root:
         pc = PhantomConfig(seed=cfg.seed, n_healthy=cfg.phantom_healthy, n_tumour=cfg.phantom_tumour,
                            spacing_mm=cfg.phantom_spacing_mm)
         root = ensure_phantom(pc, progress=progress)
-        info["phantom"] = {"root": str(root), "config": asdict(pc)}
+        info["embedded"] = {"root": str(root), "config": asdict(pc)}
     ixi = resolve_path(cfg.ixi_root) if cfg.ixi_root else root / "IXI"
     brats = resolve_path(cfg.brats_root) if cfg.brats_root else root / "BraTS2020"
+    info.update(ixi_root=str(ixi), brats_root=str(brats),
+                source="embedded phantom v1 (synthetic, from MNI152 2009a)" if "embedded" in info else "user data")
+    return ixi, brats, info
+
+def quickstart_data(cfg: QuickstartConfig, progress: bool = True) -> dict:
+    "Subjects of the quickstart: train/val healthy, test tumour; generates the embedded data on first use."
+    ixi, brats, info = study_roots(cfg, progress)
     healthy = find_ixi_subjects(ixi, (cfg.modality.upper(),))
     tumour = find_brats(brats, (cfg.modality.lower(),), label="required")
     sp = split_ids([s.id for s in healthy], {"train": 1 - cfg.val_fraction, "val": cfg.val_fraction}, cfg.seed)
     by = {s.id: s for s in healthy}
-    info.update(ixi_root=str(ixi), brats_root=str(brats),
-                source="embedded phantom v1 (synthetic, from MNI152 2009a)" if "phantom" in info else "user data")
     return {"train": [by[i] for i in sp["train"]], "val": [by[i] for i in sp["val"]], "test": tumour, "info": info}
 
 # %% ../nbs/13_study.ipynb #c00bd89a

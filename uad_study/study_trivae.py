@@ -18,10 +18,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import (Timer, UADInputError, atomic_path, atomic_write_json, get_device, prepare_run_dir,
+from .core import (Timer, UADInputError, atomic_path, atomic_write_json, get_device, prepare_run_dir, profile_config,
                             project_root, resolve_path, seed_everything)
 from .datasets import find_brats, find_ixi_subjects
-from .phantom import PhantomConfig, ensure_phantom
 from .preprocess import build_slices, get_recipe
 from .models.trivae import (ABLATIONS, NoiseConfig, TriVAE, TriVAELossConfig, TriVAEObjective,
                                      ablation_config, capture_features, latent_codes)
@@ -31,7 +30,7 @@ from .inference import reconstruct, residual
 from .postprocess import PRESETS, postprocess_steps
 from .metrics import EvalProtocol, protocol_description, reconstruction_fidelity
 from .figures import plot_pr_curves, save_figure
-from .study import EVALUATION_SPACE, environment_info, evaluate_maps, subject_volumes
+from .study import EVALUATION_SPACE, environment_info, evaluate_maps, study_roots, subject_volumes
 
 # %% auto #0
 __all__ = ['MODEL_SPECS', 'TABLE1', 'TABLE2', 'PROFILES', 'PAPER_DATA', 'TriVAEStudyConfig', 'trivae_config', 'build_study_model',
@@ -111,13 +110,7 @@ PROFILES = {
 
 def trivae_config(profile: str = "smoke", **overrides) -> TriVAEStudyConfig:
     "The config of a profile with `overrides` (None values ignored; unknown keys are an error)."
-    if profile not in PROFILES: raise UADInputError(f"profile must be one of {sorted(PROFILES)}", profile)
-    names = {f.name for f in dataclasses.fields(TriVAEStudyConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad: raise UADInputError(f"unknown Tri-VAE study parameters (known: {sorted(names)})", bad)
-    kw = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}, "profile": profile}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    cfg = TriVAEStudyConfig(**kw)
+    cfg = profile_config(TriVAEStudyConfig, PROFILES, profile, overrides, "Tri-VAE study parameters")
     unknown = [m for m in cfg.models if m not in MODEL_SPECS]
     if unknown: raise UADInputError(f"unknown models (known: {list(MODEL_SPECS)})", unknown)
     if profile == "paper" and (not cfg.ixi_root or not cfg.brats_root):
@@ -147,14 +140,7 @@ def _pick(ids: list, n: int, rng: np.random.Generator) -> list:
 
 def trivae_data(cfg: TriVAEStudyConfig, progress: bool = True) -> dict:
     "Train/val healthy subjects and test tumour subjects of a run, with a description of the source."
-    info = {}
-    if not cfg.ixi_root or not cfg.brats_root:
-        pc = PhantomConfig(seed=cfg.seed, n_healthy=cfg.phantom_healthy, n_tumour=cfg.phantom_tumour,
-                           spacing_mm=cfg.phantom_spacing_mm)
-        root = ensure_phantom(pc, progress=progress)
-        info["embedded"] = {"root": str(root), "config": asdict(pc)}
-    ixi = resolve_path(cfg.ixi_root) if cfg.ixi_root else root / "IXI"
-    brats = resolve_path(cfg.brats_root) if cfg.brats_root else root / "BraTS2020"
+    ixi, brats, info = study_roots(cfg, progress)
     healthy = {s.id: s for s in find_ixi_subjects(ixi, (cfg.modality.upper(),))}
     tumour = {s.id: s for s in find_brats(brats, (cfg.modality.lower(),), label="required")}
     rng = np.random.default_rng(cfg.seed)
@@ -166,8 +152,6 @@ def trivae_data(cfg: TriVAEStudyConfig, progress: bool = True) -> dict:
     test_ids = _pick(list(tumour), cfg.n_test_subjects, rng)
     if cfg.n_test_subjects > len(tumour):
         raise UADInputError(f"asked for {cfg.n_test_subjects} test subjects", len(tumour), brats)
-    info.update(ixi_root=str(ixi), brats_root=str(brats),
-                source="embedded phantom v1 (synthetic, from MNI152 2009a)" if "embedded" in info else "user data")
     return {"train": [healthy[i] for i in sorted(order[:n_train])],
             "val": [healthy[i] for i in sorted(order[n_train:n_train + n_val])],
             "test": [tumour[i] for i in test_ids], "info": info}
