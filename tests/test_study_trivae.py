@@ -87,3 +87,23 @@ def test_data_selection_is_seeded_and_checked(tmp_path):
     assert not {s.id for s in a["train"]} & {s.id for s in a["val"]}
     with pytest.raises(UADInputError, match="asked for 50 training"):
         trivae_data(trivae_config("smoke", n_train_subjects=50), progress=False)
+
+
+@pytest.mark.slow
+def test_study_under_torchrun(tmp_path):
+    "`torchrun -m uad_study.cli trivae`: two gloo processes train, process 0 alone evaluates and writes."
+    import os, subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "ddp"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "uad_study.cli", "trivae", "--models", "vae", "--epochs", "1", "--out", str(out),
+                        "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("Tri-VAE study (smoke)") == 1                 # one report: process 0's
+    log = pd.read_csv(out / "models" / "vae" / "train_log.csv")
+    assert len(log) == 1 and log["train_loss"].notna().all()
+    assert (out / "table1.csv").is_file() and (out / "figures" / "fig4_segmentations.png").is_file()

@@ -25,7 +25,7 @@ from .preprocess import build_slices, get_recipe
 from .models.trivae import (ABLATIONS, NoiseConfig, TriVAE, TriVAELossConfig, TriVAEObjective,
                                      ablation_config, capture_features, latent_codes)
 from .models.dae import DenoisingObjective, UNet, UNetConfig
-from .training import TrainConfig, dist_info, train_model
+from .training import TrainConfig, init_distributed, train_model
 from .inference import reconstruct, residual
 from .postprocess import PRESETS, postprocess_steps
 from .metrics import EvalProtocol, protocol_description, reconstruction_fidelity
@@ -271,14 +271,17 @@ def _train_config(cfg: TriVAEStudyConfig) -> TrainConfig:
                        schedule=cfg.schedule, amp=cfg.amp, recon="l1",
                        early_stop_patience=cfg.early_stop_patience or None, drop_last=True)
 
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
+def _barrier(device: torch.device):
+    "Wait for every torchrun process (no-op in a single process)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier(device_ids=[device.index]) if device.type == "cuda" else torch.distributed.barrier()
 
 def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bool = False,
                      progress: bool = True) -> dict | None:
     "Run the Tri-VAE study and write its run folder; returns the results (None on non-main DDP processes)."
-    timer = Timer(); t0 = time.perf_counter(); main = dist_info().is_main
-    device = get_device(cfg.device)
+    timer = Timer(); t0 = time.perf_counter()
+    device, dist = init_distributed(cfg.device)     # joins the process group under torchrun
+    main = dist.is_main
     recipe = get_recipe(cfg.recipe, modality=cfg.modality, resolution=cfg.resolution,
                         brain_extraction=cfg.brain_extraction)
     out = resolve_path(cfg.out_dir)
@@ -288,16 +291,16 @@ def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bo
               "postprocessing": postprocess_steps(PRESETS[cfg.postprocess]), "protocols": _protocols(cfg),
               "environment": environment_info(device)}
     if main: prepare_run_dir(out, config, overwrite=overwrite, resume=resume, ignore_keys=("environment",))
-    _barrier()
+    _barrier(device)
     seed_everything(cfg.seed)
     with timer("data"):
         if main: data = trivae_data(cfg, progress)
-        _barrier()
+        _barrier(device)
         if not main: data = trivae_data(cfg, False)
         sets = {}
         for k in ("train", "val", "test"):
             if main: sets[k] = build_slices(data[k], recipe, n_jobs=cfg.n_jobs, progress=progress, desc=f"preprocess {k}")
-            _barrier()
+            _barrier(device)
             if not main: sets[k] = build_slices(data[k], recipe, n_jobs=1, progress=False)
     if main:
         pd.DataFrame([{"subject": s.id, "split": k, "image": str(s.images[next(iter(s.images))])}
@@ -313,9 +316,9 @@ def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bo
         if not main: continue
         models[name] = model
         with timer(f"evaluate_{name}"):
-            x_hat = reconstruct(model, test.slices, device=cfg.device, progress=progress, desc=f"reconstruct {name}")
+            x_hat = reconstruct(model, test.slices, device=str(device), progress=progress, desc=f"reconstruct {name}")
             res = residual(test.slices, x_hat, "absolute")
-            x_val = reconstruct(model, val.slices, device=cfg.device, progress=False)
+            x_val = reconstruct(model, val.slices, device=str(device), progress=False)
             res_val = residual(val.slices, x_val, "absolute")
             ev = evaluate_maps(test, res, val, res_val, cfg.postprocess, cfg.healthy_fpr)
             fid = reconstruction_fidelity(test.slices, x_hat, test.masks, test.labels)
@@ -340,7 +343,7 @@ def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bo
     info = data["info"]
     table.insert(0, "resolution", cfg.resolution); table.insert(0, "data", info["source"])
     table.insert(0, "profile", cfg.profile); table["evaluation"] = EVALUATION_SPACE
-    figs = _figures(cfg, test, models, outputs, curves, table, out / "figures", info)
+    figs = _figures(cfg, test, models, outputs, curves, table, out / "figures", info, device)
     tables = compare_tables(table)
     summary = {"study": "tri-vae", "profile": cfg.profile,
                "data": {**info, "n_train_subjects": len(data["train"]), "n_val_subjects": len(data["val"]),
@@ -355,7 +358,8 @@ def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bo
     return {"out_dir": out, "summary": summary, "table": table, "tables": tables, "figures": figs,
             "histories": {m: o["history"] for m, o in outputs.items()}}
 
-def _figures(cfg, test, models: dict, outputs: dict, curves: dict, table: pd.DataFrame, fig_dir: Path, info: dict) -> list:
+def _figures(cfg, test, models: dict, outputs: dict, curves: dict, table: pd.DataFrame, fig_dir: Path, info: dict,
+             device: torch.device) -> list:
     "Write the PR curves and Figs. 4-7 for the models that were trained; returns their paths."
     figs, tag = [], f"{cfg.profile}: {info['source']}, {cfg.modality} {cfg.resolution}x{cfg.resolution}"
     figs.append(plot_pr_curves(curves, float(table["prevalence"].iloc[0]), fig_dir / "pr_curves.png", title=tag))
@@ -366,12 +370,12 @@ def _figures(cfg, test, models: dict, outputs: dict, curves: dict, table: pd.Dat
         rng = np.random.default_rng(cfg.seed); half = cfg.tsne_max_slices // 2
         pick = np.sort(np.r_[rng.permutation(np.flatnonzero(lab))[:half], rng.permutation(np.flatnonzero(~lab))[:half]])
         x = np.asarray(test.slices[pick])
-        codes = {m: latent_codes(models[m], x, device=get_device(cfg.device), seed=cfg.seed) for m in ("vae", "trivae-coarse")}
+        codes = {m: latent_codes(models[m], x, device=device, seed=cfg.seed) for m in ("vae", "trivae-coarse")}
         df = tsne_codes(codes, lab[pick], cfg.tsne_perplexity, cfg.seed)
         df.insert(0, "slice", np.tile(pick, len(df) // len(pick)))
         figs.append(plot_tsne(df, fig_dir / "fig5_tsne.png", title=f"t-SNE (perplexity {cfg.tsne_perplexity:g}); {tag}"))
     ex = _example_slices(test, cfg.n_example_subjects)
-    x = torch.from_numpy(np.asarray(test.slices[[r for *_, r in ex]], np.float32))[:, None].to(get_device(cfg.device))
+    x = torch.from_numpy(np.asarray(test.slices[[r for *_, r in ex]], np.float32))[:, None].to(device)
     for fname, pair, title in (("fig6_coarse_loss", ("trivae-coarse", "abl-gcs"), "Tri-VAE with / without the coarse loss"),
                                ("fig7_trivae_vs_unet", ("trivae-coarse", "dae-coarse"), "Tri-VAE vs the DAE's U-Net")):
         if all(m in models for m in pair):
