@@ -9,7 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = [["bench_metrics.py"], ["bench_stream.py"], ["bench_median.py", "--size", "5", "--dims", "3"],
         ["bench_median.py", "--size", "5", "--dims", "3", "--scale", "0.15"],
-        ["bench_median.py", "--size", "9", "--dims", "2"]]
+        ["bench_median.py", "--size", "9", "--dims", "2"], ["bench_generation.py", "--preset", "standard"]]
 
 
 def main():
