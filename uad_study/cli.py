@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "paper's), split.csv, figures/ (PNG + data) and models/MODEL/ checkpoints. Launched by "
                                    "torchrun, every process trains its share of each batch and process 0 writes everything.",
                        epilog="Examples:\n  uad-study trivae                              # smoke profile, embedded data (minutes)\n"
-                              "  uad-study trivae --profile cpu                # VAE vs Tri-VAE, ~30 min on 2 CPU cores\n"
+                              "  uad-study trivae --profile cpu                # VAE vs Tri-VAE, 30-50 min on 2 CPU cores\n"
                               "  uad-study trivae --profile paper --ixi-root /data/IXI-T2-hdbet \\\n"
                               "      --brats-root /data/MICCAI_BraTS2020_TrainingData\n"
                               "  torchrun --standalone --nproc_per_node 4 -m uad_study.cli trivae --profile paper \\\n"
@@ -74,6 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "dae-coarse dae-simplex (default: the profile's)")
     t.add_argument("--batch-size", type=int, help="global batch size (Tri-VAE: thirds are anchor/positive/negative)")
     t.add_argument("--lr", type=float, help="peak learning rate")
+
+    b = sub.add_parser("benchmark", help="generate (or find) the embedded benchmark v2, or verify one against its manifest",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate the embedded offline benchmark (version 2: T1/T2/FLAIR/PD, healthy variability, "
+                                   "scanner sites, 10 pathology classes with exact labels, written in the IXI, BraTS, ATLAS, "
+                                   "MSLUB and fastMRI+-like layouts with a SHA-256 manifest) into the data cache and print its "
+                                   "folder; reused when already complete. With --verify, recompute every checksum instead.",
+                       epilog="Examples:\n  uad-study benchmark                        # the standard preset (1 mm; a few minutes)\n"
+                              "  uad-study benchmark --preset smoke         # the study chapters' smoke data (2 mm, ~30 s)\n"
+                              "  uad-study benchmark --preset hard --seed 1\n"
+                              "  uad-study benchmark --verify data/benchmark/v2-standard-seed0-...")
+    b.add_argument("--preset", default="standard", choices=["easy", "standard", "hard", "smoke", "tiny"],
+                   help="difficulty / size preset (default: standard)")
+    b.add_argument("--seed", type=int, default=0, help="master seed (the documented standard benchmark is seed 0)")
+    b.add_argument("--jobs", type=int, default=2, help="worker processes (default: 2)")
+    b.add_argument("--verify", metavar="PATH", help="check a benchmark folder against its manifest; exit 1 on any mismatch")
+    b.add_argument("--no-progress", action="store_true")
 
     ph = sub.add_parser("phantom", help="generate (or find) the embedded phantom cohort and print where it is",
                         description="Generate the embedded phantom (healthy IXI-like and BraTS-like tumour subjects "
@@ -147,6 +164,15 @@ def _trivae(a) -> int:
           f"\n  figures/: {', '.join(p.name for p in r['figures'])}\ntime: {r['summary']['timings_s']['total']:.0f} s")
     return 0
 
+def _benchmark(a) -> int:
+    from uad_study.benchmark import ensure_benchmark, verify_benchmark
+    if a.verify:
+        errs = verify_benchmark(a.verify, raise_on_error=False)
+        for e in errs: print(e)
+        print(f"{a.verify}: {'OK, every file matches manifest.json' if not errs else f'{len(errs)} problem(s)'}")
+        return 0 if not errs else 1
+    print(ensure_benchmark(a.preset, progress=not a.no_progress, n_jobs=a.jobs, seed=a.seed)); return 0
+
 def _phantom(a) -> int:
     from uad_study.phantom import PhantomConfig, ensure_phantom
     root = ensure_phantom(PhantomConfig(seed=a.seed, n_healthy=a.n_healthy, n_tumour=a.n_tumour, spacing_mm=a.spacing_mm),
@@ -181,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     "Entry point of the `uad-study` console script."
     p = build_parser(); a = p.parse_args(argv)
     if a.command is None: p.print_help(); return 0
-    try: return {"demo": _demo, "trivae": _trivae, "phantom": _phantom, "data": _data}[a.command](a)
+    try: return {"demo": _demo, "trivae": _trivae, "benchmark": _benchmark, "phantom": _phantom,
+                "data": _data}[a.command](a)
     except UADInputError as e:
         print(f"uad-study {a.command}: error: {e}", file=sys.stderr); return 2
 

@@ -21,6 +21,7 @@ from .core import (Timer, UADInputError, atomic_path, atomic_write_json, get_dev
 from .io import Subject, save_like
 from .datasets import find_brats, find_ixi_subjects
 from .phantom import PhantomConfig, ensure_phantom
+from .benchmark import benchmark_config, benchmark_subjects, ensure_benchmark
 from .preprocess import RECIPES, SliceRecipe, SliceSet, build_slices, qc_montage, split_ids, unresize_slices
 from .models.baselines import build_model
 from .training import TrainConfig, train_model
@@ -57,6 +58,7 @@ class QuickstartConfig:
     residual: str = "absolute"    # residual kind: "absolute" (Tri-VAE), "positive", "squared"
     postprocess: str = "trivae"   # post-processing preset (see uad_study.postprocess.PRESETS)
     healthy_fpr: float = 0.05     # second threshold protocol: voxel FPR calibrated on the healthy validation subjects
+    benchmark: str = ""           # embedded data: a benchmark v2 preset ("smoke", "standard", ...; its split is used), "" = phantom v1
     phantom_healthy: int = 16     # embedded phantom: healthy (IXI-like) subjects
     phantom_tumour: int = 8       # embedded phantom: tumour (BraTS-like) subjects
     phantom_spacing_mm: float = 1.0
@@ -66,8 +68,8 @@ class QuickstartConfig:
 
 PROFILES = {
     "demo": {},
-    "smoke": dict(out_dir="runs/smoke", resolution=32, channels=(16, 32, 64), latent_dim=32, epochs=2,
-                  phantom_healthy=5, phantom_tumour=3, phantom_spacing_mm=2.0, n_example_subjects=2),
+    "smoke": dict(out_dir="runs/smoke", resolution=32, channels=(16, 32, 64), latent_dim=32, epochs=8,
+                  benchmark="smoke", n_example_subjects=2),
 }
 
 def quickstart_config(profile: str = "demo", **overrides) -> QuickstartConfig:
@@ -76,17 +78,29 @@ def quickstart_config(profile: str = "demo", **overrides) -> QuickstartConfig:
 
 # %% ../nbs/13_study.ipynb #6a05907e
 def study_roots(cfg, progress: bool = True) -> tuple[Path, Path, dict]:
-    "IXI and BraTS roots of a study config (`ixi_root`, `brats_root`), or the embedded data, generated on first use."
+    """IXI and BraTS roots of a study config (`ixi_root`, `brats_root`), or the embedded data, generated on first use.
+    With `cfg.benchmark` (a benchmark v2 preset) `info["split"]` holds the benchmark's standard split: healthy
+    train/val subject ids and the glioma test subjects."""
     info = {}
-    if not cfg.ixi_root or not cfg.brats_root:
+    if cfg.ixi_root and cfg.brats_root:
+        ixi, brats = resolve_path(cfg.ixi_root), resolve_path(cfg.brats_root)
+        info["source"] = "user data"
+    elif getattr(cfg, "benchmark", ""):
+        root = ensure_benchmark(cfg.benchmark, progress=progress)
+        ixi, brats = root / "IXI", root / "BraTS2020"
+        ids = lambda cls, split: [r["layout_id"].split("-")[0] if cls == "healthy" else r["layout_id"]
+                                  for r in benchmark_subjects(root, cls, split)]
+        info.update(embedded={"root": str(root), "benchmark": asdict(benchmark_config(cfg.benchmark))},
+                    split={"train": ids("healthy", "train"), "val": ids("healthy", "val"), "test": ids("glioma", "test")},
+                    source=f"embedded benchmark v2, preset {cfg.benchmark} (synthetic, from MNI152 2009a)")
+    else:
         pc = PhantomConfig(seed=cfg.seed, n_healthy=cfg.phantom_healthy, n_tumour=cfg.phantom_tumour,
                            spacing_mm=cfg.phantom_spacing_mm)
         root = ensure_phantom(pc, progress=progress)
-        info["embedded"] = {"root": str(root), "config": asdict(pc)}
-    ixi = resolve_path(cfg.ixi_root) if cfg.ixi_root else root / "IXI"
-    brats = resolve_path(cfg.brats_root) if cfg.brats_root else root / "BraTS2020"
-    info.update(ixi_root=str(ixi), brats_root=str(brats),
-                source="embedded phantom v1 (synthetic, from MNI152 2009a)" if "embedded" in info else "user data")
+        ixi, brats = root / "IXI", root / "BraTS2020"
+        info.update(embedded={"root": str(root), "config": asdict(pc)},
+                    source="embedded phantom v1 (synthetic, from MNI152 2009a)")
+    info.update(ixi_root=str(ixi), brats_root=str(brats))
     return ixi, brats, info
 
 def quickstart_data(cfg: QuickstartConfig, progress: bool = True) -> dict:
@@ -94,9 +108,11 @@ def quickstart_data(cfg: QuickstartConfig, progress: bool = True) -> dict:
     ixi, brats, info = study_roots(cfg, progress)
     healthy = find_ixi_subjects(ixi, (cfg.modality.upper(),))
     tumour = find_brats(brats, (cfg.modality.lower(),), label="required")
-    sp = split_ids([s.id for s in healthy], {"train": 1 - cfg.val_fraction, "val": cfg.val_fraction}, cfg.seed)
-    by = {s.id: s for s in healthy}
-    return {"train": [by[i] for i in sp["train"]], "val": [by[i] for i in sp["val"]], "test": tumour, "info": info}
+    sp = info.get("split") or split_ids([s.id for s in healthy], {"train": 1 - cfg.val_fraction, "val": cfg.val_fraction},
+                                        cfg.seed)
+    by, tb = {s.id: s for s in healthy}, {s.id: s for s in tumour}
+    test = [tb[i] for i in sp["test"]] if "test" in sp else tumour
+    return {"train": [by[i] for i in sp["train"]], "val": [by[i] for i in sp["val"]], "test": test, "info": info}
 
 # %% ../nbs/13_study.ipynb #c00bd89a
 def subject_volumes(ss: SliceSet, i: int, arr: np.ndarray | None = None) -> dict:

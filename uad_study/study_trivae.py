@@ -88,7 +88,8 @@ class TriVAEStudyConfig:
     n_example_subjects: int = 3     # Fig. 4 rows
     tsne_perplexity: float = 30.0   # Fig. 5
     tsne_max_slices: int = 600      # Fig. 5: test slices projected (half healthy, half anomalous when possible)
-    phantom_healthy: int = 5        # embedded data: healthy subjects
+    benchmark: str = "smoke"        # embedded data: a benchmark v2 preset (its standard split is used); "" = phantom v1
+    phantom_healthy: int = 5        # embedded phantom v1: healthy subjects
     phantom_tumour: int = 3         # embedded data: tumour subjects
     phantom_spacing_mm: float = 2.0
     device: str = "auto"
@@ -97,9 +98,9 @@ class TriVAEStudyConfig:
 PROFILES = {
     # CI: every model, tiny networks, 32x32, 2 epochs on the small embedded cohort (about a minute on 2 CPU cores)
     "smoke": {},
-    # the 30-minute CPU comparison of the issue: baseline VAE vs Tri-VAE (coarse) on the demo-size embedded cohort
+    # the CPU comparison of the issue (30-50 min): baseline VAE vs Tri-VAE (coarse) on the demo-size phantom v1 cohort
     "cpu": dict(out_dir="runs/trivae-cpu", resolution=64, models=("vae", "trivae-coarse"), trivae_channels=(16, 32, 64, 64, 64),
-                embed_dim=128, latent_dim=64, epochs=30, phantom_healthy=16, phantom_tumour=8,
+                embed_dim=128, latent_dim=64, epochs=30, benchmark="", phantom_healthy=16, phantom_tumour=8,
                 phantom_spacing_mm=1.0, lr=1e-3, schedule="cosine"),
     # the paper: 250 IXI T2 subjects for training, 30 BraTS 2020 T2 for testing, 256x256, full-size networks
     "paper": dict(out_dir="runs/trivae-paper", resolution=256, brain_extraction="HD-BET", n_train_subjects=250,
@@ -144,16 +145,24 @@ def trivae_data(cfg: TriVAEStudyConfig, progress: bool = True) -> dict:
     healthy = {s.id: s for s in find_ixi_subjects(ixi, (cfg.modality.upper(),))}
     tumour = {s.id: s for s in find_brats(brats, (cfg.modality.lower(),), label="required")}
     rng = np.random.default_rng(cfg.seed)
-    ids = sorted(healthy); order = [ids[i] for i in rng.permutation(len(ids))]
-    n_val = cfg.n_val_subjects or max(1, int(round(cfg.val_fraction * len(ids))))
-    n_train = cfg.n_train_subjects or len(ids) - n_val
-    if n_train + n_val > len(ids):
-        raise UADInputError(f"asked for {n_train} training + {n_val} validation healthy subjects", len(ids), ixi)
-    test_ids = _pick(list(tumour), cfg.n_test_subjects, rng)
-    if cfg.n_test_subjects > len(tumour):
-        raise UADInputError(f"asked for {cfg.n_test_subjects} test subjects", len(tumour), brats)
-    return {"train": [healthy[i] for i in sorted(order[:n_train])],
-            "val": [healthy[i] for i in sorted(order[n_train:n_train + n_val])],
+    if "split" in info:                           # the embedded benchmark's standard split, optionally subsampled
+        sp = info["split"]
+        train, val = _pick(sp["train"], cfg.n_train_subjects, rng), _pick(sp["val"], cfg.n_val_subjects, rng)
+        test_pool = sp["test"]
+        if cfg.n_train_subjects > len(sp["train"]) or cfg.n_val_subjects > len(sp["val"]):
+            raise UADInputError(f"asked for {cfg.n_train_subjects} training + {cfg.n_val_subjects} validation healthy "
+                                "subjects of the benchmark split", (len(sp["train"]), len(sp["val"])), ixi)
+    else:
+        ids = sorted(healthy); order = [ids[i] for i in rng.permutation(len(ids))]
+        n_val = cfg.n_val_subjects or max(1, int(round(cfg.val_fraction * len(ids))))
+        n_train = cfg.n_train_subjects or len(ids) - n_val
+        if n_train + n_val > len(ids):
+            raise UADInputError(f"asked for {n_train} training + {n_val} validation healthy subjects", len(ids), ixi)
+        train, val, test_pool = sorted(order[:n_train]), sorted(order[n_train:n_train + n_val]), list(tumour)
+    if cfg.n_test_subjects > len(test_pool):
+        raise UADInputError(f"asked for {cfg.n_test_subjects} test subjects", len(test_pool), brats)
+    test_ids = _pick(test_pool, cfg.n_test_subjects, rng)
+    return {"train": [healthy[i] for i in train], "val": [healthy[i] for i in val],
             "test": [tumour[i] for i in test_ids], "info": info}
 
 # %% ../nbs/13a_study_trivae.ipynb #09e6fcec
