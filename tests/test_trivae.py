@@ -134,7 +134,7 @@ def test_objective_wiring():
     xa, xp, xn = x[:2], x[2:4], x[4:6]
     xn_noisy = add_noise(xn, NoiseConfig("coarse"))
     assert not torch.equal(xn_noisy, xn) and torch.equal(xn_noisy[xn == 0], xn[xn == 0])
-    o = m(torch.cat([xa, xp, xn_noisy]))
+    with torch.no_grad(): o = m(torch.cat([xa, xp, xn_noisy]))
     assert float(parts["l1_full_neg"]) == pytest.approx(float(l1(o["recon"][4:], xn)), rel=1e-6)
     tgt = F.adaptive_avg_pool2d(torch.cat([xa, xp, xn]), (8, 8))
     coarse = sum(float(l1(o["coarse"][i:i + 2], tgt[i:i + 2])) for i in (0, 2, 4))
@@ -150,8 +150,7 @@ def test_baseline_vae_objective_is_l1_plus_kl():
     torch.manual_seed(0)
     m = TriVAE(ablation_config("baseline VAE", **SMALL)).eval()   # eval: no sampling, so the recomputation matches
     x = _batch(4)
-    loss, parts = TriVAEObjective()(m, x)
-    o = m(x)
+    with torch.no_grad(): loss, parts = TriVAEObjective()(m, x); o = m(x)
     assert set(parts) == {"l1", "kl"}
     assert float(loss) == pytest.approx(float(l1(o["recon"], x) + kld(o["mu"], o["logvar"])), rel=1e-6)
 
