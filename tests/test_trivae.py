@@ -185,7 +185,7 @@ def test_dae_denoising_objective():
     loss, parts = DenoisingObjective(NoiseConfig("coarse"))(u, x)
     torch.manual_seed(3)
     ref = F.mse_loss(u(add_noise(x, NoiseConfig("coarse")))["recon"], x)
-    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert capture_features(u, x)["decoder_mid"].shape == (2, 16, 16)
 
 
