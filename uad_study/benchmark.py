@@ -16,7 +16,7 @@ from scipy import ndimage, special
 from tqdm import tqdm
 
 from .core import UADInputError, atomic_dir, atomic_write_json, config_hash, data_dir, to_json
-from .phantom import mni_tissue_maps, smooth_field
+from .phantom import deform_templates, mni_tissue_maps, smooth_field
 
 # %% auto #0
 __all__ = ['BENCHMARK_VERSION', 'CONTRASTS', 'HEALTHY_TISSUES', 'TISSUES', 'NORMAL_EXTRAS', 'SEQUENCES', 'CLASSES', 'PATHOLOGIES',
@@ -469,25 +469,17 @@ def render_benchmark_subject(cfg: BenchmarkConfig, params: dict) -> dict:
     "Synthesise one subject from its drawn `params`: int16 image per contrast, uint8 `label`, bool `mask`, and `resolved` geometry."
     tpl = bench_templates(float(cfg.spacing_mm))
     s, shape = float(cfg.spacing_mm), tpl["shape"]
-    pad = int(np.ceil(5 * cfg.deformation_mm / s)) + 2
-    bbox = tuple((max(a - pad, 0), min(b + pad, n)) for (a, b), n in zip(tpl["brain_bbox"], shape))
-    lo = tuple(a for a, _ in bbox); sub = tuple(b - a for a, b in bbox); box = tuple(slice(a, b) for a, b in bbox)
     frng = lambda k: np.random.default_rng([params["field_seed"], k])
-    # 1. anatomy: template(x + u(x))
-    u = [cfg.deformation_mm * smooth_field(frng(k), sub, s, cfg.deformation_length_mm, lo) for k in range(3)]
-    need = tpl["outside"][box] <= np.sqrt(sum(ui ** 2 for ui in u)) + 1.8 * s
-    pts = np.nonzero(need)
-    coords = np.stack([q + (a + ui[need] / s) for q, a, ui in zip(pts, lo, u)]).astype(np.float32)
-    A = {}
-    for t in ("csf", "gm", "wm"):
-        A[t] = np.zeros(sub, np.float32)
-        A[t][pts] = ndimage.map_coordinates(tpl[t], coords, order=1, mode="nearest", output=np.float32, prefilter=False)
+    # 1. anatomy: template(x + u(x)) (phantom.deform_templates)
+    d = deform_templates(tpl, params["field_seed"], s, cfg.deformation_mm, cfg.deformation_length_mm, ("csf", "gm", "wm"))
+    A, lo, sub, box, pts, coords = d["maps"], d["lo"], d["sub"], d["box"], d["pts"], d["coords"]
+    del d
     close = tpl["vdist"][box][pts] < 25      # the ventricle distance matters near the ventricles only
     A["vdist"] = np.full(sub, 1e3, np.float32)
     A["vdist"][tuple(q[close] for q in pts)] = ndimage.map_coordinates(tpl["vdist"], coords[:, close], order=1, mode="nearest",
                                                                        output=np.float32, prefilter=False)
     A["depth"] = np.ascontiguousarray(tpl["depth"][box])   # placement only: the undeformed depth is close enough
-    del coords, pts, need, u
+    del coords, pts
     m = A["csf"] + A["gm"] + A["wm"]
     brain = m > 0.5
     edge = max(0.5, 0.35 * s)

@@ -20,8 +20,8 @@ from .core import UADInputError, atomic_dir, atomic_write_json, config_hash, dat
 # %% auto #0
 __all__ = ['PHANTOM_VERSION', 'CONTRASTS', 'TISSUES', 'COMPARTMENTS', 'LABELS', 'KINDS', 'IXI_SITES', 'IXI_RE', 'BRATS_RE',
            'NOTICE', 'PhantomConfig', 'check_config', 'phantom_dir', 'mni_tissue_maps', 'smooth_field', 'draw_subject',
-           'render_subject', 'subject_ids', 'subject_files', 'plan_phantom', 'generate_phantom', 'ensure_phantom',
-           'phantom_files']
+           'deform_templates', 'render_subject', 'subject_ids', 'subject_files', 'plan_phantom', 'generate_phantom',
+           'ensure_phantom', 'phantom_files']
 
 # %% ../nbs/03_phantom.ipynb #5312f308
 PHANTOM_VERSION = "1"
@@ -243,24 +243,39 @@ def _tumour_weights(cfg: PhantomConfig, T: dict, shape: tuple, origin: tuple, fr
     s_core = np.minimum(s_core, s_wt); s_nec = np.minimum(s_nec, s_core)
     return s_wt, s_core, s_nec
 
+def deform_templates(tpl: dict,            # template maps with "shape", "brain_bbox", "outside" (mm to the brain)
+                     field_seed,           # seed of the displacement fields (fields k = 0, 1, 2)
+                     s: float,             # voxel edge, mm
+                     deformation_mm: float,   # sd of each displacement component, mm
+                     length_mm: float,        # length scale of the displacement, mm
+                     names: tuple,            # which template maps to warp
+                     ) -> dict:
+    """Template maps warped by a smooth random displacement, `template(x + u(x))`, inside the brain's bounding box
+    padded by 5 sd of the displacement; only voxels that can reach brain tissue are interpolated. Returns the warped
+    `maps` and the geometry the renderers reuse: `u` (mm), `lo`, `sub`, `box`, `pts`, `coords`."""
+    shape = tpl["shape"]
+    pad = int(np.ceil(5 * deformation_mm / s)) + 2     # room for the deformation (5 sd)
+    bbox = tuple((max(a - pad, 0), min(b + pad, n)) for (a, b), n in zip(tpl["brain_bbox"], shape))
+    lo = tuple(a for a, _ in bbox); sub = tuple(b - a for a, b in bbox); box = tuple(slice(a, b) for a, b in bbox)
+    u = [deformation_mm * smooth_field(np.random.default_rng([field_seed, k]), sub, s, length_mm, lo) for k in range(3)]
+    need = tpl["outside"][box] <= np.sqrt(sum(ui ** 2 for ui in u)) + 1.8 * s
+    pts = np.nonzero(need)
+    coords = np.stack([p + (a + ui[need] / s) for p, a, ui in zip(pts, lo, u)]).astype(np.float32)
+    maps = {}
+    for t in names:
+        maps[t] = np.zeros(sub, np.float32)
+        maps[t][pts] = ndimage.map_coordinates(tpl[t], coords, order=1, mode="nearest", output=np.float32, prefilter=False)
+    return dict(maps=maps, u=u, lo=lo, sub=sub, box=box, pts=pts, coords=coords)
+
 def render_subject(cfg: PhantomConfig, params: dict) -> dict:
     "Synthesise one subject from its drawn `params`: int16 image per contrast, bool `mask`, and uint8 `seg` for a tumour."
     tpl = _templates(cfg)
     s, shape = cfg.spacing_mm, tpl["shape"]
-    pad = int(np.ceil(5 * cfg.deformation_mm / s)) + 2     # room for the deformation (5 sd)
-    bbox = tuple((max(a - pad, 0), min(b + pad, n)) for (a, b), n in zip(tpl["brain_bbox"], shape))
-    lo = tuple(a for a, _ in bbox); sub = tuple(b - a for a, b in bbox); box = tuple(slice(a, b) for a, b in bbox)
     frng = lambda k: np.random.default_rng([params["field_seed"], k])
-    # anatomy: template(x + u(x)), u in mm; only voxels that can reach brain tissue are interpolated
-    u = [cfg.deformation_mm * smooth_field(frng(k), sub, s, cfg.deformation_length_mm, lo) for k in range(3)]
-    need = tpl["outside"][box] <= np.sqrt(sum(ui ** 2 for ui in u)) + 1.8 * s
-    pts = np.nonzero(need)
-    coords = np.stack([p + (a + ui[need] / s) for p, a, ui in zip(pts, lo, u)]).astype(np.float32)
-    tis = {}
-    for t in TISSUES:
-        tis[t] = np.zeros(sub, np.float32)
-        tis[t][pts] = ndimage.map_coordinates(tpl[t], coords, order=1, mode="nearest", output=np.float32, prefilter=False)
-    del coords, pts, need
+    # anatomy: template(x + u(x)), u in mm
+    d = deform_templates(tpl, params["field_seed"], s, cfg.deformation_mm, cfg.deformation_length_mm, TISSUES)
+    tis, u, lo, sub, box = d["maps"], d["u"], d["lo"], d["sub"], d["box"]
+    del d
     m = tis["csf"] + tis["gm"] + tis["wm"]                 # the tissue maps sum to the mask
     brain = m > cfg.mask_threshold
     out = dict(mask=np.zeros(shape, bool)); out["mask"][box] = brain
