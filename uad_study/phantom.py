@@ -20,8 +20,8 @@ from .core import UADInputError, atomic_dir, atomic_write_json, config_hash, dat
 # %% auto #0
 __all__ = ['PHANTOM_VERSION', 'CONTRASTS', 'TISSUES', 'COMPARTMENTS', 'LABELS', 'KINDS', 'IXI_SITES', 'IXI_RE', 'BRATS_RE',
            'NOTICE', 'PhantomConfig', 'check_config', 'phantom_dir', 'mni_tissue_maps', 'smooth_field', 'draw_subject',
-           'deform_templates', 'render_subject', 'subject_ids', 'subject_files', 'plan_phantom', 'generate_phantom',
-           'ensure_phantom', 'phantom_files']
+           'deform_templates', 'render_subject', 'subject_ids', 'subject_files', 'plan_phantom', 'run_subjects',
+           'generate_phantom', 'ensure_phantom', 'phantom_files']
 
 # %% ../nbs/03_phantom.ipynb #5312f308
 PHANTOM_VERSION = "1"
@@ -365,20 +365,31 @@ def _render_and_write(cfg: PhantomConfig, subject: dict, out: str) -> dict:
     if "seg" in vol: st["label_voxels"] = {str(l): int((vol["seg"] == l).sum()) for l in LABELS.values()}
     return st
 
+_RENDER = None   # the render function of the running pool: fork workers inherit it, nothing is pickled
+
 def _job(args: tuple) -> tuple:
-    i, cfg, sub, out = args
-    return i, _render_and_write(cfg, sub, out)
+    fn, i, cfg, sub, out = args
+    return i, (fn or _RENDER)(cfg, sub, out)
+
+def run_subjects(render_and_write,   # fn(cfg, subject, out) -> stats of one subject
+                 cfg, plan: list, out: Path, progress: bool, n_jobs: int, desc: str = "subjects") -> list:
+    "Render and write every subject of `plan` over `n_jobs` processes; the first error stops them all and propagates."
+    global _RENDER
+    bar = dict(total=len(plan), disable=not progress, desc=desc, unit="subject")
+    if n_jobs <= 1 or len(plan) <= 1:
+        return [_job((render_and_write, i, cfg, sub, str(out)))[1] for i, sub in enumerate(tqdm(plan, **bar))]
+    fork = "fork" in mp.get_all_start_methods()   # fork: workers inherit the templates and the render function
+    ctx = mp.get_context("fork") if fork else mp.get_context()
+    jobs = [(None if fork else render_and_write, i, cfg, sub, str(out)) for i, sub in enumerate(plan)]
+    stats, _RENDER = [None] * len(plan), render_and_write
+    try:
+        with ctx.Pool(min(n_jobs, len(plan))) as pool:   # leaving the block terminates the workers, also on error
+            for i, st in tqdm(pool.imap_unordered(_job, jobs), **bar): stats[i] = st
+    finally: _RENDER = None
+    return stats
 
 def _run(cfg: PhantomConfig, plan: list, out: Path, progress: bool, n_jobs: int) -> list:
-    "Render and write every subject, over `n_jobs` processes; the first error stops them all and propagates."
-    bar = dict(total=len(plan), disable=not progress, desc="phantom subjects", unit="subject")
-    jobs = [(i, cfg, sub, str(out)) for i, sub in enumerate(plan)]
-    if n_jobs <= 1 or len(plan) <= 1: return [_job(j)[1] for j in tqdm(jobs, **bar)]
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()  # fork: workers inherit the templates
-    stats = [None] * len(plan)
-    with ctx.Pool(min(n_jobs, len(plan))) as pool:   # leaving the block terminates the workers, also on error
-        for i, st in tqdm(pool.imap_unordered(_job, jobs), **bar): stats[i] = st
-    return stats
+    return run_subjects(_render_and_write, cfg, plan, out, progress, n_jobs, "phantom subjects")
 
 def _is_complete(root: Path, cfg: PhantomConfig) -> bool:
     f = Path(root) / "generation.json"
