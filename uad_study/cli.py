@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the Tri-VAE, the DAE (coarse and simplex noise), the baseline VAE and the ablation "
                                    "models, evaluate them under one post-processing and threshold protocol, and write a run "
                                    "folder: config.json, metrics.json, metrics.csv, table1.csv and table2.csv (ours beside the "
-                                   "paper's), split.csv, figures/ (PNG + data) and models/MODEL/ checkpoints. Launched by "
+                                   "paper's), split.csv, maps/MODEL/ (NIfTI anomaly maps), figures/ (PNG + data) and models/MODEL/ checkpoints. Launched by "
                                    "torchrun, every process trains its share of each batch and process 0 writes everything.",
                        epilog="Examples:\n  uad-study trivae                              # smoke profile, embedded data (minutes)\n"
                               "  uad-study trivae --profile cpu                # VAE vs Tri-VAE, 30-50 min on 2 CPU cores\n"
@@ -160,7 +160,7 @@ def _trivae(a) -> int:
     print(f"\nTri-VAE study ({cfg.profile}) on {r['summary']['data']['source']}, {cfg.resolution}x{cfg.resolution}")
     print(f"evaluation: {r['summary']['protocols']['evaluation_space']}; post-processing: {cfg.postprocess}")
     print(r["table"][cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"\nrun folder: {r['out_dir']}\n  table1.csv, table2.csv (ours beside the paper's), metrics.csv, metrics.json"
+    print(f"\nrun folder: {r['out_dir']}\n  table1.csv, table2.csv (ours beside the paper's), metrics.csv, metrics.json, maps/<model>/"
           f"\n  figures/: {', '.join(p.name for p in r['figures'])}\ntime: {r['summary']['timings_s']['total']:.0f} s")
     return 0
 

@@ -33,8 +33,8 @@ from .figures import PANEL_COLUMNS, plot_panels, plot_pr_curves
 
 # %% auto #0
 __all__ = ['PROFILES', 'EVALUATION_SPACE', 'QuickstartConfig', 'quickstart_config', 'study_roots', 'quickstart_data',
-           'subject_volumes', 'accumulate_maps', 'evaluate_maps', 'environment_info', 'write_maps', 'run_quickstart',
-           'phantom_qc_montages']
+           'subject_volumes', 'accumulate_maps', 'evaluate_maps', 'protocol_rows', 'write_split_csv',
+           'environment_info', 'write_maps', 'run_quickstart', 'phantom_qc_montages']
 
 # %% ../nbs/13_study.ipynb #22698a9e
 @dataclass
@@ -146,6 +146,25 @@ def evaluate_maps(test: SliceSet, test_maps: np.ndarray, healthy: SliceSet, heal
                  "auprc": res["test_best"]["pooled"]["auprc"]}
     return {"protocols": res, "volumes": vols, "curve": curve, "subject_ids": [s["id"] for s in test.subjects]}
 
+def protocol_rows(ev: dict) -> list[dict]:
+    "One result row per threshold protocol of an `evaluate_maps` result: pooled metrics and those at its threshold."
+    rows = []
+    for proto, r in ev["protocols"].items():
+        pooled, at = r["pooled"], r["at_threshold"]
+        rows.append({"protocol": proto, "threshold": at["threshold"], "auroc": pooled["auroc"], "auprc": pooled["auprc"],
+                     "prevalence": pooled["prevalence"], "dice": at["dice_T"], "dice_subject_mean": at["dice_S_mean"],
+                     "dice_subject_sd": at["dice_S_sd"], "precision": at["precision"], "recall": at["recall"],
+                     "fpr": at["fpr"], "n_voxels": pooled["n_voxels"], "n_positive": pooled["n_positive"],
+                     "dice_per_subject": dict(zip(ev["subject_ids"], at["dice_per_subject"]))})
+    return rows
+
+def write_split_csv(data: dict, path: Path) -> Path:
+    "The subject-level split of a run (`data` with train/val/test subject lists) as CSV: subject, split, image."
+    df = pd.DataFrame([{"subject": s.id, "split": k, "image": str(s.images[next(iter(s.images))])}
+                       for k in ("train", "val", "test") for s in data[k]])
+    with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
+    return path
+
 # %% ../nbs/13_study.ipynb #9492b261
 def environment_info(device) -> dict:
     "Versions, git commit and device of this run."
@@ -204,8 +223,7 @@ def run_quickstart(cfg: QuickstartConfig, overwrite: bool = False, resume: bool 
         data = quickstart_data(cfg, progress)
         sets = {k: build_slices(data[k], recipe, n_jobs=cfg.n_jobs, progress=progress, desc=f"preprocess {k}")
                 for k in ("train", "val", "test")}
-    pd.DataFrame([{"subject": s.id, "split": k, "image": str(s.images[next(iter(s.images))])}
-                  for k in ("train", "val", "test") for s in data[k]]).to_csv(out / "split.csv", index=False)
+    write_split_csv(data, out / "split.csv")
     test = sets["test"]
     results, curves, per_model = [], {}, {}
     for name in cfg.models:
@@ -227,16 +245,8 @@ def run_quickstart(cfg: QuickstartConfig, overwrite: bool = False, resume: bool 
             ev = {pp: evaluate_maps(test, res, sets["val"], res_val, pp, cfg.healthy_fpr)
                   for pp in dict.fromkeys(["mask_only", cfg.postprocess])}
         for pp, e in ev.items():
-            for proto, r in e["protocols"].items():
-                pooled, at = r["pooled"], r["at_threshold"]
-                results.append({"model": name, "map": f"residual ({cfg.residual})", "postprocess": pp,
-                                "protocol": proto, "threshold": at["threshold"],
-                                "auroc": pooled["auroc"], "auprc": pooled["auprc"], "prevalence": pooled["prevalence"],
-                                "dice": at["dice_T"], "dice_subject_mean": at["dice_S_mean"],
-                                "dice_subject_sd": at["dice_S_sd"], "precision": at["precision"],
-                                "recall": at["recall"], "fpr": at["fpr"], "n_voxels": pooled["n_voxels"],
-                                "n_positive": pooled["n_positive"],
-                                "dice_per_subject": dict(zip(e["subject_ids"], at["dice_per_subject"])),
+            for row in protocol_rows(e):
+                results.append({"model": name, "map": f"residual ({cfg.residual})", "postprocess": pp, **row,
                                 "final_train_loss": hist[-1]["train_loss"], "final_val_loss": hist[-1]["val_loss"]})
             curves[f"{name}, {pp}"] = e["curve"]
         best = ev[cfg.postprocess]

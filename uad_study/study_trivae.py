@@ -30,7 +30,8 @@ from .inference import reconstruct, residual
 from .postprocess import PRESETS, postprocess_steps
 from .metrics import EvalProtocol, protocol_description, reconstruction_fidelity
 from .figures import plot_pr_curves, save_figure
-from .study import EVALUATION_SPACE, environment_info, evaluate_maps, study_roots, subject_volumes
+from .study import (EVALUATION_SPACE, environment_info, evaluate_maps, protocol_rows, study_roots,
+                             subject_volumes, write_maps, write_split_csv)
 
 # %% auto #0
 __all__ = ['MODEL_SPECS', 'TABLE1', 'TABLE2', 'PROFILES', 'PAPER_DATA', 'TriVAEStudyConfig', 'trivae_config', 'build_study_model',
@@ -311,9 +312,7 @@ def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bo
             if main: sets[k] = build_slices(data[k], recipe, n_jobs=cfg.n_jobs, progress=progress, desc=f"preprocess {k}")
             _barrier(device)
             if not main: sets[k] = build_slices(data[k], recipe, n_jobs=1, progress=False)
-    if main:
-        pd.DataFrame([{"subject": s.id, "split": k, "image": str(s.images[next(iter(s.images))])}
-                      for k in ("train", "val", "test") for s in data[k]]).to_csv(out / "split.csv", index=False)
+    if main: write_split_csv(data, out / "split.csv")
     test, val = sets["test"], sets["val"]
     results, curves, models, outputs = [], {}, {}, {}
     for name in cfg.models:
@@ -331,24 +330,20 @@ def run_trivae_study(cfg: TriVAEStudyConfig, overwrite: bool = False, resume: bo
             res_val = residual(val.slices, x_val, "absolute")
             ev = evaluate_maps(test, res, val, res_val, cfg.postprocess, cfg.healthy_fpr)
             fid = reconstruction_fidelity(test.slices, x_hat, test.masks, test.labels)
-        for proto, r in ev["protocols"].items():
-            pooled, at = r["pooled"], r["at_threshold"]
+        for row in protocol_rows(ev):
             results.append({"model": name, "family": MODEL_SPECS[name][0], "table2_row": MODEL_SPECS[name][1],
                             "noise": MODEL_SPECS[name][2], "map": "residual |x - x_hat|", "postprocess": cfg.postprocess,
-                            "protocol": proto, "threshold": at["threshold"], "auroc": pooled["auroc"],
-                            "auprc": pooled["auprc"], "prevalence": pooled["prevalence"], "dice": at["dice_T"],
-                            "dice_subject_mean": at["dice_S_mean"], "dice_subject_sd": at["dice_S_sd"],
-                            "precision": at["precision"], "recall": at["recall"], "fpr": at["fpr"],
-                            "n_voxels": pooled["n_voxels"], "n_positive": pooled["n_positive"],
-                            "epochs_trained": len(hist), "final_train_loss": hist[-1]["train_loss"],
+                            **row, "epochs_trained": len(hist), "final_train_loss": hist[-1]["train_loss"],
                             "final_val_loss": hist[-1]["val_loss"], "mse_healthy_tissue": fid["healthy"]["mse"],
                             "mse_anomalous_tissue": fid["anomalous"]["mse"]})
+        with timer(f"outputs_{name}"):
+            write_maps(test, ev["volumes"], out / "maps" / name, progress)
         curves[name] = ev["curve"]
         thr = ev["protocols"]["test_best"]["at_threshold"]["threshold"]
         outputs[name] = {"seg": [(v >= thr).astype(np.float32) if np.isfinite(thr) else v * 0 for v in ev["volumes"]],
                          "history": hist, "fidelity": fid}
     if not main: return None
-    table = pd.DataFrame(results)
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "dice_per_subject"} for r in results])
     info = data["info"]
     table.insert(0, "resolution", cfg.resolution); table.insert(0, "data", info["source"])
     table.insert(0, "profile", cfg.profile); table["evaluation"] = EVALUATION_SPACE
