@@ -23,8 +23,8 @@ venv: $(STAMP)  ## create/update .venv with the package and its pinned dependenc
 demo: $(STAMP)  ## run the quickstart study on the embedded phantom (runs/demo)
 	$(BIN)/uad-study demo --out runs/demo --resume
 
-smoke: $(STAMP)  ## the quickstart at its tiny CI size (runs/smoke)
-	$(BIN)/uad-study demo --profile smoke --out runs/smoke --overwrite
+smoke: $(STAMP)  ## the quickstart at its tiny CI size (runs/smoke; rerunning continues it)
+	$(BIN)/uad-study demo --profile smoke --out runs/smoke --resume
 
 sync: $(STAMP)  ## notebooks and library in sync: nbdev-export must not change uad_study/
 	$(BIN)/nbdev-export

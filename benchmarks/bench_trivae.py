@@ -21,7 +21,7 @@ def step_rate(model, objective, x, steps):
 
 
 def noise_time(x, cfg, reps):
-    from uad_study.models.trivae import add_noise
+    from uad_study.noise import add_noise
     add_noise(x, cfg)
     t0 = time.perf_counter()
     for _ in range(reps): add_noise(x, cfg)
@@ -38,11 +38,10 @@ def main():
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     from uad_study.core import get_device
-    from uad_study.models.trivae import NoiseConfig
-    from uad_study.study_trivae import build_study_model, trivae_config
+    from uad_study.noise import NoiseConfig
+    from uad_study.study_trivae import study_model, study_objective, trivae_config
     dev = get_device(a.device)
-    kw = {"ixi_root": "x", "brats_root": "x"} if a.profile == "paper" else {}
-    cfg = trivae_config(a.profile, resolution=a.resolution, **kw)
+    cfg = trivae_config(a.profile, resolution=a.resolution)   # only the network sizes are read (no data)
     torch.manual_seed(0)
     x = torch.rand(a.batch, 1, a.resolution, a.resolution, device=dev)
     x[:, :, : a.resolution // 8] = 0                                  # some background
@@ -50,7 +49,7 @@ def main():
           f"profile {a.profile} widths: Tri-VAE {cfg.trivae_channels}, DAE width {cfg.dae_width}")
     rates = {}
     for name in a.models:
-        model, objective, _ = build_study_model(name, cfg)
+        model, objective = study_model(name, cfg), study_objective(name, cfg)
         model.to(dev).train()
         rates[name] = step_rate(model, objective, x, a.steps)
         n = sum(p.numel() for p in model.parameters())

@@ -14,7 +14,8 @@ def test_console_script_help():
     out = subprocess.run([str(BIN), "--help"], capture_output=True, text=True, check=True).stdout
     assert "demo" in out and "phantom" in out and "Examples" in out
     out = subprocess.run([str(BIN), "demo", "--help"], capture_output=True, text=True, check=True).stdout
-    for opt in ("--profile", "--out", "--epochs", "--resolution", "--seed", "--resume", "--overwrite", "--ixi-root"):
+    for opt in ("--profile", "--out", "--epochs", "--resolution", "--seed", "--resume", "--overwrite", "--ixi-root",
+                "--train", "--val", "--test", "--modality", "--space", "--protocols"):
         assert opt in out
 
 
@@ -27,8 +28,9 @@ def test_bad_data_root_is_a_one_line_error(tmp_path, capsys):
     rc = main(["demo", "--profile", "smoke", "--ixi-root", str(tmp_path / "nowhere"), "--brats-root", str(tmp_path),
                "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2
-    assert "IXI root must be a folder" in err and "nowhere" in err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "train source: dataset folder does not exist" in err and "nowhere" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):

@@ -7,8 +7,9 @@ import pytest
 
 from uad_study.cli import main
 from uad_study.core import UADInputError
-from uad_study.datasets import (check_dataset, detect_dataset, find_atlas, find_brats, find_fastmri_brain,
-                                find_ixi_subjects, find_mslub, find_nifti, label_volume, load_subjects)
+from uad_study.datasets import (MODALITIES, canonical_modality, check_dataset, check_subject, detect_dataset, find_atlas,
+                                find_brats, find_fastmri_brain, find_ixi_subjects, find_mslub, find_nifti, label_volume,
+                                load_subjects, modality_aliases)
 
 BRAIN = np.zeros((8, 8, 8), np.int16); BRAIN[2:6, 2:6, 2:6] = 100
 SEG = np.zeros((8, 8, 8), np.uint8); SEG[3:5, 3:5, 3:5] = 1; SEG[3, 3, 3] = 4; SEG[4, 4, 4] = 2
@@ -123,6 +124,135 @@ def test_fastmri_plus_boxes(tmp_path):
     assert s.meta["boxes"] == {0: [], 2: [[1.0, 2.0, 3.0, 4.0, "Edema"]]}
 
 
+# --- modality names, multi-class labels -------------------------------------------------------------
+
+def test_canonical_modality_names():
+    assert [canonical_modality(m) for m in ("T1", "t1n", "T1w", "T1ce", "t1c", "T1POST", "T1WKS", "T2", "t2w", "FLAIR", "t2f",
+                                            "T2-FLAIR", "PD")] == \
+        ["t1", "t1", "t1", "t1ce", "t1ce", "t1ce", "t1ce", "t2", "t2", "flair", "flair", "flair", "pd"]
+    assert MODALITIES == ("t1", "t1ce", "t2", "flair", "pd") and canonical_modality("ADC") == "adc"
+    with pytest.raises(UADInputError, match="modality must be one of"): canonical_modality("ADC", strict=True)
+    with pytest.raises(UADInputError, match="modality must be one of"): canonical_modality(" ")
+    assert modality_aliases("brats") == {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2", "t2w"), "flair": ("flair", "t2f")}
+    assert set(modality_aliases("mslub")) == {"flair", "t1", "t1ce", "t2"} and modality_aliases("nifti") == {}
+    # every canonical key an adapter lists is what canonical_modality makes of the names in its files
+    for ds in ("ixi", "brats", "atlas", "mslub"):
+        for key, names in modality_aliases(ds).items():
+            assert {canonical_modality(n.replace("_deface", "")) for n in names} == {key}, (ds, key)
+
+
+def test_modalities_any_case_every_adapter(tmp_path):
+    for n in ["IXI-T2/IXI002-Guys-0828-T2.nii.gz", "IXI-PD/IXI002-Guys-0828-PD.nii.gz"]: _nii(tmp_path / "ixi" / n)
+    for mods in (("T2",), ("t2",), ("T2w",)):
+        (s,) = find_ixi_subjects(tmp_path / "ixi", mods)
+        assert list(s.images) == ["t2"] and s.images["t2"].name == "IXI002-Guys-0828-T2.nii.gz"
+    assert list(find_ixi_subjects(tmp_path / "ixi", ("pd", "T2"))[0].images) == ["pd", "t2"]
+    _brats20(tmp_path / "b20", 1)
+    for mods in (("T2",), ("t2",)):
+        (s,) = find_brats(tmp_path / "b20", mods)
+        assert list(s.images) == ["t2"] and s.images["t2"].name == f"{_sid()}_t2.nii.gz"
+    assert list(find_brats(tmp_path / "b20", ("FLAIR", "T1CE"))[0].images) == ["flair", "t1ce"]
+    for n in ["FLAIR", "T1W", "T1WKS", "T2W"]: _nii(tmp_path / "mslub/coregistered/patient01" / f"{n}.nii.gz")
+    _nii(tmp_path / "mslub/coregistered/patient01/consensus_gt.nii.gz", (SEG > 0).astype(np.uint8))
+    s = find_mslub(tmp_path / "mslub", ("FLAIR", "t1post", "T2"))[0]
+    assert list(s.images) == ["flair", "t1ce", "t2"] and s.images["t1ce"].name == "T1WKS.nii.gz"
+    assert s.meta["file_modalities"] == {"flair": "FLAIR", "t1ce": "T1WKS", "t2": "T2W"}
+    # one canonical key per modality everywhere (also for the CLI's --modalities)
+    assert check_dataset(tmp_path / "ixi", modalities=("T2",)).rows[0]["modalities"] == "t2"
+    assert check_dataset(tmp_path / "b20", modalities=("T2", "Flair")).rows[0]["modalities"] == "t2,flair"
+
+
+def test_generic_layout_modalities_any_case(tmp_path, capsys):
+    for sid in ("caseA", "caseB"):
+        _nii(tmp_path / sid / f"{sid}_t2.nii.gz"); _nii(tmp_path / sid / f"{sid}_FLAIR.nii.gz"); _nii(tmp_path / sid / f"{sid}_seg.nii.gz", SEG)
+    subs = find_nifti(tmp_path, "*/*_{modality}.nii.gz", labels="*/*_seg.nii.gz", modalities=("T2", "flair"))
+    assert [(s.id, list(s.images)) for s in subs] == [("caseA", ["t2", "flair"]), ("caseB", ["t2", "flair"])]
+    assert subs[0].images["t2"].name == "caseA_t2.nii.gz" and subs[0].images["flair"].name == "caseA_FLAIR.nii.gz"
+    assert subs[0].meta["file_modalities"] == {"t2": "T2", "flair": "flair"}
+    # a dict's keys are canonicalised, and modalities picks among them in any case
+    subs = find_nifti(tmp_path, {"T2": "*/*_t2.nii.gz", "FLAIR": "*/*_FLAIR.nii.gz"}, modalities=("t2",))
+    assert list(subs[0].images) == ["t2"]
+    with pytest.raises(UADInputError, match=r"modalities \['pd'\] have no images glob"):
+        find_nifti(tmp_path, {"T2": "*/*_t2.nii.gz"}, modalities=("PD",))
+    with pytest.raises(UADInputError, match="two images globs name the modality 't2'"):
+        find_nifti(tmp_path, {"T2": "*/*_t2.nii.gz", "t2w": "*/*_t2.nii.gz"})
+    with pytest.raises(UADInputError, match="needs modalities"):
+        find_nifti(tmp_path, "*/*_{modality}.nii.gz")
+    r = check_dataset(tmp_path, images="*/*_{modality}.nii.gz", modalities=("PD",))
+    assert not r.ok and "no file matches the images (PD) glob" in str(r.errors[0]) and "*/*_PD.nii.gz" in str(r.errors[0])
+    assert main(["data", "check", str(tmp_path), "--images", "*/*_{modality}.nii.gz", "--modalities", "T2", "FLAIR",
+                 "--labels", "*/*_seg.nii.gz"]) == 0
+    assert "t2,flair (x2)" in capsys.readouterr().out
+
+
+def _multiclass(root, seg, n=2):
+    for i in range(n):
+        sid = f"case{i}"
+        _nii(root / sid / f"{sid}_t2.nii.gz"); _nii(root / sid / f"{sid}_lesion.nii.gz", seg)
+    return root, {"images": "*/*_t2.nii.gz", "labels": "*/*_lesion.nii.gz"}
+
+
+def test_generic_multiclass_labels_pass_and_print_values(tmp_path, capsys):
+    root, kw = _multiclass(tmp_path / "brats2020like", SEG)           # {0, 1, 2, 4}
+    r = check_dataset(root, **kw)
+    assert r.ok, r.errors
+    assert [x["label_values"] for x in r.rows] == [[0, 1, 2, 4]] * 2
+    assert "labels: 2 subject(s), values [0, 1, 2, 4] (non-zero = anomalous; allowed: any non-negative integer)" in str(r)
+    s = find_nifti(root, **kw)[0]
+    assert label_volume(s).sum() == (SEG > 0).sum()                    # non-zero = anomalous
+    seg15 = SEG.copy(); seg15[5, 5, 5] = 3                             # BraTS 2015: {0, 1, 2, 3, 4}
+    root15, kw15 = _multiclass(tmp_path / "brats2015like", seg15)
+    assert check_dataset(root15, **kw15).ok
+    assert main(["data", "check", str(root15), "--images", kw["images"], "--labels", kw["labels"]]) == 0
+    assert "values [0, 1, 2, 3, 4]" in capsys.readouterr().out
+
+
+def test_label_values_restrict_and_name_the_option(tmp_path, capsys):
+    root, kw = _multiclass(tmp_path / "ds", SEG, n=1)
+    r = check_dataset(root, label_values=(0, 1), **kw)
+    assert not r.ok and len(r.errors) == 1
+    assert str(r.errors[0]) == (f"{root / 'case0' / 'case0_lesion.nii.gz'}: label values must be in [0, 1] "
+                                "(set --label-values to change the allowed values) (got [0, 1, 2, 4])")
+    assert "values [0, 1, 2, 4]" in str(r) and "allowed: [0, 1]" in str(r)
+    assert check_dataset(root, label_values=(0, 1, 2, 4), **kw).ok
+    # the same restriction given to the adapter
+    assert not check_dataset(root, **(kw | {"label_values": (0, 1)})).ok
+    assert main(["data", "check", str(root), "--images", kw["images"], "--labels", kw["labels"], "--label-values", "0", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "case0_lesion.nii.gz: label values must be in [0, 1] (set --label-values" in out
+    # negative values are never labels
+    neg = SEG.astype(np.int16); neg[0, 0, 0] = -1
+    rn, kwn = _multiclass(tmp_path / "neg", neg, n=1)
+    e = check_dataset(rn, **kwn).errors
+    assert len(e) == 1 and "label values must be non-negative integers" in str(e[0]) and "--label-values" in str(e[0])
+    # a named layout keeps its own set, and the message names the option too
+    _brats20(tmp_path / "b20", 1)
+    e = []; check_subject(find_brats(tmp_path / "b20")[0], (0, 1), e)
+    assert len(e) == 1 and "must be in [0, 1] (set --label-values" in str(e[0]) and "(got [0, 1, 2, 4])" in str(e[0])
+
+
+def test_brats_2023_names_map_to_canonical_keys(tmp_path):
+    seg23 = SEG.copy(); seg23[SEG == 4] = 3
+    for sid in ("BraTS-GLI-00000-000", "BraTS-MEN-00004-000"):
+        for m in ("t1n", "t1c", "t2w", "t2f", "seg"): _nii(tmp_path / sid / f"{sid}-{m}.nii.gz", seg23 if m == "seg" else BRAIN)
+    subs = find_brats(tmp_path)
+    assert [s.id for s in subs] == ["BraTS-GLI-00000-000", "BraTS-MEN-00004-000"]
+    s = subs[0]
+    assert list(s.images) == ["t1", "t1ce", "t2", "flair"]
+    assert {k: p.name for k, p in s.images.items()} == {"t1": "BraTS-GLI-00000-000-t1n.nii.gz", "t1ce": "BraTS-GLI-00000-000-t1c.nii.gz",
+                                                        "t2": "BraTS-GLI-00000-000-t2w.nii.gz", "flair": "BraTS-GLI-00000-000-t2f.nii.gz"}
+    assert s.meta["file_modalities"] == {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
+    assert s.label.name == "BraTS-GLI-00000-000-seg.nii.gz" and s.meta["labels_convention"] == "brats2023"
+    for mods in (("t2w",), ("T2",), ("t2",)): assert list(find_brats(tmp_path, mods)[0].images) == ["t2"]
+    for mods in (("t2f",), ("FLAIR",)): assert find_brats(tmp_path, mods)[0].images["flair"].name.endswith("-t2f.nii.gz")
+    r = check_dataset(tmp_path, modalities=("T2", "FLAIR"))
+    assert r.dataset == "brats" and r.ok, r.errors
+    assert r.rows[0]["modalities"] == "t2,flair" and r.rows[0]["label_values"] == [0, 1, 2, 3]
+    (tmp_path / "BraTS-MEN-00004-000" / "BraTS-MEN-00004-000-t2f.nii.gz").unlink()
+    with pytest.raises(UADInputError, match=r"BraTS subject BraTS-MEN-00004-000 is missing modalities \['flair'\]"):
+        find_brats(tmp_path)
+
+
 # --- bad input: one line naming the file, the rule and the value; nothing cached ----------------------
 
 def _case_empty(root):
@@ -135,7 +265,8 @@ def _case_unmatched_label(root):
 def _case_label_values(root):
     _brats20(root, 1); bad = SEG.copy(); bad[0, 0, 0] = 3
     _nii(root / _sid() / f"{_sid()}_seg.nii.gz", bad)
-    return root, {}, "label values must be in [0, 1, 2, 4]", f"{_sid()}_seg.nii.gz", "[3]"
+    return root, {}, "label values must be in [0, 1, 2, 4] (set --label-values to change the allowed values)", f"{_sid()}_seg.nii.gz", \
+        "(got [0, 1, 2, 3, 4])"
 
 def _case_shape(root):
     _brats20(root, 1); _nii(root / _sid() / f"{_sid()}_seg.nii.gz", SEG[:, :, :7])
@@ -251,10 +382,24 @@ def test_real_mslub(realdata):
 def test_real_brats_layouts(realdata):
     r = check_dataset(realdata / "brats-2023-gli")
     assert r.dataset == "brats" and r.ok and r.rows[0]["id"] == "BraTS-GLI-00001-000" and r.rows[0]["orientation"] == "LPS"
-    s = find_brats(realdata / "brats-2023-gli", ("t2",), common_names=True)[0]
-    assert s.images["t2"].name == "BraTS-GLI-00001-000-t2w.nii.gz" and s.label is None
+    assert r.rows[0]["modalities"] == "t1,t1ce,t2,flair"
+    for mods in (("t2",), ("T2",), ("t2w",)):
+        s = find_brats(realdata / "brats-2023-gli", mods)[0]
+        assert list(s.images) == ["t2"] and s.images["t2"].name == "BraTS-GLI-00001-000-t2w.nii.gz" and s.label is None
     # BraTS-preprocessed TCGA gliomas through the generic globs, labels in the BraTS 2020 set
     r = check_dataset(realdata / "glioma-tcga", images={"t2": "*/*_t2_bet.nii.gz", "flair": "*/*_fla_bet.nii.gz"},
                       labels="*/*_seg_fusion_mav.nii.gz", label_values=(0, 1, 2, 4))
     assert r.ok, r.errors
     assert [x["id"] for x in r.rows] == ["TCGA-DU-7294", "TCGA-FG-6692"]
+
+
+def test_real_glioma_multiclass_labels_by_default(realdata):
+    "Multi-class lesion maps pass the generic layout without --label-values; {modality} globs in any case."
+    kw = dict(images="*/*_{modality}_bet.nii.gz", modalities=("T2", "FLA"), labels="*/*_seg_fusion_mav.nii.gz")
+    r = check_dataset(realdata / "glioma-tcga", **kw)
+    assert r.ok, r.errors
+    assert all(x["modalities"] == "t2,flair" for x in r.rows)
+    assert all(set(x["label_values"]) <= {0, 1, 2, 4} and len(x["label_values"]) > 2 for x in r.rows)
+    assert "values [0, 1, 2, 4]" in str(r)
+    r = check_dataset(realdata / "glioma-tcga", label_values=(0, 1), **kw)
+    assert not r.ok and all("(set --label-values to change the allowed values)" in str(e) for e in r.errors)

@@ -1,11 +1,15 @@
 """DistributedDataParallel: two CPU processes (gloo, launched by torchrun) train to the same weights as one process.
 
-Same model, data, seed and global batches. Not bit-for-bit: the gradients are summed across processes in
+Two objectives: the baselines' single loss, and a two-optimiser adversarial autoencoder (tests/test_training.py's
+`AdvObjective`: generator and discriminator with their own Adam, the discriminator from step 2). Same model, data,
+seed and global batches. Not bit-for-bit: the gradients are summed across processes in
 another order than one process sums them over its batch (floating-point addition is not associative), and
 Adam carries the last-bit differences forward, so the check is `torch.allclose` with a tight tolerance,
 with a guard that training moved the weights by far more than that tolerance.
 The model uses GroupNorm: SyncBatchNorm works on GPUs only, and CPU DDP of a BatchNorm model normalises
 each process's shard with its own statistics (documented in the training chapter).
+The loss weighting (`world_size x share / batch`) is checked by a run with the weight replaced by 1 (plain DDP
+averaging): on the uneven last batch it must end far outside the tolerance, so the test fails on a wrong weighting.
 """
 import importlib.util
 import json
@@ -25,6 +29,8 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
 import uad_study.training as T
+from uad_study.models.baselines import BaselineObjective
+from test_training import AdvObjective, TinyAdvAE
 
 class TinyAE(nn.Module):
     "A BatchNorm-free autoencoder (GroupNorm), so per-process batches normalise like the whole batch."
@@ -37,6 +43,17 @@ class TinyAE(nn.Module):
 # (case, n training slices): 21 = 8 + 8 + 5 (the last batch splits 3/2), 17 = 8 + 8 + 1 (process 1 has no sample)
 CASES = (("uneven", 21), ("tiny_last", 17))
 CFG = dict(epochs=2, batch_size=8, lr=1e-2, seed=3, device="cpu", schedule="cosine")
+
+class Noisy(T.Objective):
+    "A denoising objective with its own random stream per process; raises KeyboardInterrupt at loss call `crash_at`."
+    def __init__(self, crash_at=None): self.crash_at, self.n = crash_at, 0
+    def loss(self, model, batch):
+        self.n += 1  # 3 steps and 1 validation batch per epoch: call 5 is epoch 2's first step
+        if self.n == self.crash_at: raise KeyboardInterrupt
+        x = batch["image"]; out = model(x + 0.1 * torch.randn_like(x))
+        return ((out["recon"] - x) ** 2).mean(), {}
+
+def state(m): return {k: v.tolist() for k, v in m.state_dict().items()}
 
 def run(out):
     out = Path(out); rank = T.dist_info().rank
@@ -53,22 +70,32 @@ def run(out):
             torch.manual_seed(rank)  # a different start on each process: DDP must broadcast process 0's weights
             m = TinyAE()
             hist = T.train_model(m, x[:n], x[-6:], T.TrainConfig(**CFG), out / f"ckpt_{case}", progress=False, name=case,
-                                 ddp_kwargs={"broadcast_buffers": True})  # passed through to DistributedDataParallel
-            res[case] = {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in hist],
-                         "state": {k: v.tolist() for k, v in m.state_dict().items()}}
+                                 objective=BaselineObjective(), ddp_kwargs={"broadcast_buffers": True})  # passed on to DDP
+            res[case] = {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in hist], "state": state(m)}
         # resume under DDP: a crash in epoch 2 (every process at the same step), then resume; a noisy objective
         # (its own random stream per process) must continue bit-for-bit
         for case in ("noisy_full", "noisy_resumed"):
-            torch.manual_seed(rank); m = TinyAE(); n_calls = [0]
-            def noisy(model, xb, crash=case != "noisy_full"):
-                n_calls[0] += 1  # 3 steps and 1 validation batch per epoch: call 5 is epoch 2's first step
-                if crash and n_calls[0] == 5: raise KeyboardInterrupt
-                out = model(xb + 0.1 * torch.randn_like(xb))
-                return ((out["recon"] - xb) ** 2).mean(), {}
-            cfg = T.TrainConfig(**CFG)
-            try: T.train_model(m, x[:21], x[-6:], cfg, out / f"ckpt_{case}", progress=False, objective=noisy)
-            except KeyboardInterrupt: T.train_model(m, x[:21], x[-6:], cfg, out / f"ckpt_{case}", progress=False, objective=noisy)
-            res[case] = {"state": {k: v.tolist() for k, v in m.state_dict().items()}}
+            torch.manual_seed(rank); m = TinyAE(); d = out / f"ckpt_{case}"; cfg = T.TrainConfig(**CFG)
+            try: T.train_model(m, x[:21], x[-6:], cfg, d, progress=False, objective=Noisy(5 if case == "noisy_resumed" else None))
+            except KeyboardInterrupt: T.train_model(m, x[:21], x[-6:], cfg, d, progress=False, objective=Noisy())
+            res[case] = {"state": state(m)}
+        # two optimisers: the generator and a discriminator that starts at step 2, with its own rate (no input noise:
+        # comparable with one process); the same with the DDP loss weight replaced by 1 (it must differ)
+        for case in ("gan", "gan_wrong_weight"):
+            torch.manual_seed(rank); m = TinyAdvAE(); weight = T._loss_weight
+            if case == "gan_wrong_weight": T._loss_weight = lambda world, n_local, n_batch: 1.0
+            try:
+                hist = T.train_model(m, x[:21], x[-6:], T.TrainConfig(**CFG), out / f"ckpt_{case}", progress=False, name=case,
+                                     objective=AdvObjective(d_start=2, noise=0.0))
+            finally: T._loss_weight = weight
+            res[case] = {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in hist], "state": state(m)}
+        # two optimisers, input noise from each process's stream, a crash in epoch 2 and a resume: bit-for-bit the same
+        for case in ("gan_noisy_full", "gan_noisy_resumed"):
+            torch.manual_seed(rank); m = TinyAdvAE(); d = out / f"ckpt_{case}"; cfg = T.TrainConfig(**CFG)
+            crash = AdvObjective(stop_at=3 if case == "gan_noisy_resumed" else None, crash=KeyboardInterrupt)
+            try: T.train_model(m, x[:21], x[-6:], cfg, d, progress=False, objective=crash)
+            except KeyboardInterrupt: T.train_model(m, x[:21], x[-6:], cfg, d, progress=False, objective=AdvObjective())
+            res[case] = {"state": state(m), "objective": torch.load(d / "last.pt", weights_only=False)["objective"]}
     finally:
         T.save_checkpoint, T._write_log = save, log
     return {"rank": rank, "world_size": T.dist_info().world_size, "calls": calls, "cases": res}
@@ -81,7 +108,7 @@ if __name__ == "__main__":
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["OMP_NUM_THREADS"] = "1"
     return env
 
@@ -105,15 +132,15 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     single = case.run(single_dir)
     assert single["world_size"] == 1
 
-    # only process 0 wrote checkpoints and logs (4 runs x 2 epochs of last.pt and the log; best.pt when val improved)
+    # only process 0 wrote checkpoints and logs (8 runs x 2 epochs of last.pt and the log; best.pt when val improved)
     assert ranks[1]["calls"] == {"save_checkpoint": 0, "write_log": 0}
-    assert ranks[0]["calls"]["write_log"] == 4 * 2 and ranks[0]["calls"]["save_checkpoint"] >= 4
-    for name, _ in case.CASES:
+    assert ranks[0]["calls"]["write_log"] == 8 * 2 and ranks[0]["calls"]["save_checkpoint"] >= 16
+    for name in [c for c, _ in case.CASES] + ["gan"]:
         d = ddp / f"ckpt_{name}"
         assert (d / "last.pt").exists() and (d / "train_log.csv").exists()
         assert not [f.name for f in d.iterdir() if f.name.startswith(".")], "temporary files left behind"
         ref = {k: torch.tensor(v) for k, v in single["cases"][name]["state"].items()}
-        torch.manual_seed(0); start = case.TinyAE().state_dict()
+        torch.manual_seed(0); start = (case.TinyAdvAE() if name == "gan" else case.TinyAE()).state_dict()
         saved = torch.load(d / "last.pt", weights_only=False)["model"]
         for r in ranks:
             got = {k: torch.tensor(v) for k, v in r["cases"][name]["state"].items()}
@@ -125,9 +152,17 @@ def test_two_process_ddp_matches_single_process(tmp_path):
             if ref[k].is_floating_point(): assert (ref[k] - start[k]).abs().max() > 1e-3, k
         # the logged losses are reduced across processes: the same as one process, up to rounding
         for hd, hs in zip(ranks[0]["cases"][name]["history"], single["cases"][name]["history"]):
-            assert hd["lr"] == hs["lr"]
+            assert hd["lr"] == hs["lr"] and hd.keys() == hs.keys()
             assert abs(hd["train_loss"] - hs["train_loss"]) < 1e-5 * hs["train_loss"]
             assert abs(hd["val_loss"] - hs["val_loss"]) < 1e-5 * hs["val_loss"]
         assert ranks[0]["cases"][name]["history"] == ranks[1]["cases"][name]["history"]
+    assert "train_disc" in single["cases"]["gan"]["history"][0] and "lr_disc" in single["cases"]["gan"]["history"][0]
+    # plain averaging (weight 1) on the uneven last batch (3 + 2 samples) ends far outside the tolerance: the check can fail
+    ref = {k: torch.tensor(v) for k, v in single["cases"]["gan"]["state"].items()}
+    wrong = {k: torch.tensor(v) for k, v in ranks[0]["cases"]["gan_wrong_weight"]["state"].items()}
+    assert max(float(((wrong[k] - ref[k]).abs() - 1e-4 * ref[k].abs()).max()) for k in ref if ref[k].is_floating_point()) > 1e-4
+    assert single["cases"]["gan_wrong_weight"] == single["cases"]["gan"]  # one process: no weight at all
     for r in ranks + [single]:  # a crash and a resume continue bit-for-bit, on one process and on two
-        assert r["cases"]["noisy_full"] == r["cases"]["noisy_resumed"], f"rank {r['rank']} of {r['world_size']}: resume differs"
+        for a, b in (("noisy_full", "noisy_resumed"), ("gan_noisy_full", "gan_noisy_resumed")):
+            assert r["cases"][a] == r["cases"][b], f"{b}, rank {r['rank']} of {r['world_size']}: resume differs"
+        assert r["cases"]["gan_noisy_resumed"]["objective"] == {"d_steps": 4}  # steps 2..5: its state across the resume

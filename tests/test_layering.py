@@ -1,4 +1,4 @@
-"Lower-numbered notebooks never import higher-numbered ones, and every module is written by exactly one notebook.\n\nA letter after the number (`06a_trivae`) marks a sub-chapter: it ranks with its number."
+"Lower-numbered notebooks never import higher-numbered ones, and every module is written by exactly one notebook.\n\nA letter after the number (`06a_trivae`) marks a sub-chapter. Notebooks rank by (number, letter), the bare number\nfirst (06 < 06a < 06b < 07): a sub-chapter may import its bare chapter (06a -> 06) and lower numbers, never a\nsibling (06b -> 06a or 06a -> 06b: siblings are independent branches), and the bare chapter none of its letters."
 import ast
 import re
 from pathlib import Path
@@ -14,7 +14,7 @@ def _modules():
         m = next((re.search(r"File to edit: (?:\.\./)+nbs/(\d+)([a-z]?)_(\w+)\.ipynb", l) for l in head if "File to edit" in l), None)
         if m:
             name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
-            out[name] = (int(m.group(1)), f"{m.group(1)}{m.group(2)}_{m.group(3)}.ipynb", f)
+            out[name] = ((int(m.group(1)), m.group(2)), f"{m.group(1)}{m.group(2)}_{m.group(3)}.ipynb", f)
     return out
 
 
@@ -26,10 +26,16 @@ def test_every_module_is_generated():
     assert len(mods) >= 10
 
 
+def may_import(src: tuple, dst: tuple) -> bool:
+    "Whether a module of rank `src` (number, letter) may import one of rank `dst`."
+    (n, a), (m, b) = src, dst
+    return m < n or (m == n and (a == b or (b == "" and a != "")))
+
+
 def test_no_upward_imports():
     mods = _modules()
     bad, checked = [], 0
-    for name, (num, nb, f) in mods.items():
+    for name, (rank, nb, f) in mods.items():
         for node in ast.walk(ast.parse(f.read_text())):
             targets = []
             if isinstance(node, ast.ImportFrom) and node.level:  # nbdev exports `from .core import ...`
@@ -42,10 +48,20 @@ def test_no_upward_imports():
                 targets = [a.name for a in node.names if a.name.startswith("uad_study.")]
             for t in targets:
                 checked += t in mods
-                if t in mods and mods[t][0] > num:
+                if t in mods and not may_import(rank, mods[t][0]):
                     bad.append(f"{nb} ({name}) imports {t} from {mods[t][1]}")
-    assert not bad, "upward imports: " + "; ".join(bad)
+    assert not bad, "upward or sibling imports: " + "; ".join(bad)
     assert checked > 10, f"only {checked} package imports were checked: is the import parsing broken?"
+
+
+def test_rank_orders_sub_chapters():
+    "06 < 06a < 06b < 07; a sub-chapter imports its bare chapter and lower numbers, never a sibling."
+    ranks = {nb: rank for rank, nb, _ in _modules().values()}
+    assert ranks["06_models.ipynb"] < ranks["06a_trivae.ipynb"] < ranks["06b_dae.ipynb"] < ranks["09_scores.ipynb"]
+    assert ranks["05_noise.ipynb"] < ranks["05a_losses.ipynb"] < ranks["06_models.ipynb"]
+    assert may_import((6, "a"), (6, "")) and may_import((13, "a"), (13, "")) and may_import((7, ""), (6, "b"))
+    assert not may_import((6, "b"), (6, "a")) and not may_import((6, "a"), (6, "b"))   # siblings
+    assert not may_import((6, ""), (6, "a")) and not may_import((6, "b"), (7, ""))
 
 
 def test_study_chapters_export_nothing():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from uad_study.core import UADInputError
-from uad_study.noise import (add_coarse_noise, alpha_bar, coarse_noise, forward_diffuse, linear_betas,
-                             simplex_noise)
+from uad_study.noise import (NoiseConfig, add_coarse_noise, add_noise, alpha_bar, coarse_noise, forward_diffuse,
+                             linear_betas, simplex_noise)
 
 
 def _g(seed):
@@ -128,3 +128,23 @@ def test_forward_diffuse():
         forward_diffuse(x, e[:1])
     with pytest.raises(UADInputError, match="`t`"):
         forward_diffuse(x, e, t=1001)
+
+
+# ---- noise settings (NoiseConfig, add_noise) -------------------------------------------------
+
+def test_add_noise_is_the_configured_noise_inside_the_foreground():
+    "add_noise replays coarse_noise / simplex + forward diffusion with the config's numbers, from the global RNG."
+    x = _brain(3)
+    torch.manual_seed(4); got = add_noise(x, NoiseConfig("coarse"))
+    torch.manual_seed(4); assert torch.equal(got, x + coarse_noise(x, 16, 0.2, x > 0))
+    torch.manual_seed(5); got = add_noise(x, NoiseConfig("simplex"))
+    torch.manual_seed(5); eps = simplex_noise(3, 64, 64, 2 ** -6, 6, 0.8, 2.0)
+    assert torch.equal(got, torch.where(x > 0, forward_diffuse(x, eps, 87), x))
+    assert torch.equal(got[x == 0], x[x == 0])
+
+
+def test_noise_config_defaults_and_bad_kind():
+    c = NoiseConfig()
+    assert (c.kind, c.coarse_res, c.coarse_sd, c.simplex_octaves, c.simplex_t) == ("coarse", 16, 0.2, 6, 87)
+    with pytest.raises(UADInputError, match="noise kind must be"):
+        add_noise(_brain(1), NoiseConfig("gaussian"))

@@ -11,7 +11,7 @@ from skimage import exposure
 from skimage.metrics import structural_similarity
 
 from uad_study.core import UADInputError
-from uad_study.models.baselines import kl_divergence
+from uad_study.losses import kl_divergence
 from uad_study.scores import (ANOMALY_MAPS, LPIPS_BACKBONE_FILES, anomaly_map, clahe, describe_map, is_real_lpips,
                               latent_kl, load_lpips, lpips_backbone_path, lpips_map, reconstruction_error,
                               residual_lpips_map, reversed_ae_map, scale_space_aggregate, slice_scores, ssim_map,

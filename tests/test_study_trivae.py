@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from uad_study.core import UADInputError
-from uad_study.study_trivae import TABLE1, TABLE2, run_trivae_study, trivae_config, trivae_data
+from uad_study.study import select_subjects, validate_config
+from uad_study.study_trivae import SPEC, TABLE1, TABLE2, run_trivae_study, trivae_config
 
 MODELS = ("vae", "abl-gcs", "trivae-coarse", "dae-coarse")   # enough for every figure (4, 5, 6, 7)
 
@@ -30,15 +31,17 @@ def test_run_folder(run):
     assert set(c["models_detail"]) == set(MODELS)
     assert c["models_detail"]["abl-gcs"]["model"]["gcs"] and not c["models_detail"]["abl-gcs"]["model"]["coarse_loss"]
     assert c["models_detail"]["dae-coarse"]["objective"]["noise"]["kind"] == "coarse"
-    assert [s["step"] for s in c["postprocessing"]][:2] == ["mask", "threshold"]
-    assert c["training"]["drop_last"] is True                          # Tri-VAE batches split into thirds
+    assert [s["step"] for s in c["postprocessing"]["trivae"]][:2] == ["mask", "threshold"]
+    assert list(c["postprocessing"]) == ["mask_only", "trivae"]        # raw maps beside the paper's post-processing
+    assert all(c["training_detail"][m]["drop_last"] is True for m in MODELS)   # Tri-VAE batches split into thirds
 
 
 def test_every_number_names_its_protocol_and_data(run):
     cfg, r = run
     t = r["table"]
     assert set(t["protocol"]) == {"test_best", "healthy_fpr"}
-    assert t[["profile", "data", "resolution", "postprocess", "evaluation"]].notna().all().all()
+    assert t[["profile", "data", "resolution", "postprocess", "space"]].notna().all().all() and (t["space"] == "brain").all()
+    assert set(t["postprocess"]) == {"mask_only", "trivae"}
     assert ((t["prevalence"] > 0) & (t["prevalence"] < 0.1)).all()
     assert "dice_per_subject" not in t and all(len(x["dice_per_subject"]) == r["summary"]["data"]["n_test_subjects"]
                                                for x in r["summary"]["results"])
@@ -48,15 +51,17 @@ def test_every_number_names_its_protocol_and_data(run):
 def test_tables_beside_the_paper(run):
     cfg, r = run
     t1 = pd.read_csv(r["out_dir"] / "table1.csv")
+    assert r["tables"]["table1"].shape == t1.shape
     paper = t1[t1["source"].str.startswith("paper")]
     ours = t1[~t1["source"].str.startswith("paper")]
     assert len(paper) == 9 and paper["protocol"].str.contains("not stated").all()
     assert set(ours["method"]) == {TABLE1[m][0] for m in MODELS if m in TABLE1}
     assert ours["source"].str.contains("smoke").all() and ours["protocol"].str.contains("test_best").all()
+    assert ours["protocol"].str.contains("mask_only").any() and ours["protocol"].str.contains("brain voxels").all()
     t2 = pd.read_csv(r["out_dir"] / "table2.csv")
     assert list(t2[t2["source"].str.startswith("paper")]["row"]) == list(TABLE2.values())
     assert set(t2[~t2["source"].str.startswith("paper")]["row"]) == {TABLE2[m] for m in MODELS if m in TABLE2}
-    # the paper's numbers are copied from nbs/paper_tables, not typed here
+    # the paper's numbers are read from the package's paper tables (uad_study/paper_tables), not typed here
     assert t2[t2["row"] == "+SSIM loss (Tri-VAE)"]["dice"].iloc[0] == pytest.approx(0.6058)
 
 
@@ -72,9 +77,17 @@ def test_figures_with_their_data(run):
 
 
 def test_resume_finished_run_does_not_retrain(run):
+    "Resuming a finished run trains nothing: logs and checkpoints are untouched, the numbers are the same (no timing)."
+    import torch
     cfg, r = run
+    out = r["out_dir"]
+    before = {m: ((out / "models" / m / "train_log.csv").read_text(), (out / "models" / m / "last.pt").stat().st_mtime_ns)
+              for m in MODELS}
     r2 = run_trivae_study(cfg, resume=True, progress=False)
-    assert all(k.startswith(("data", "evaluate", "total")) or v < 2.0 for k, v in r2["summary"]["timings_s"].items())
+    for m in MODELS:
+        assert (out / "models" / m / "train_log.csv").read_text() == before[m][0]
+        assert (out / "models" / m / "last.pt").stat().st_mtime_ns == before[m][1]
+        assert torch.load(out / "models" / m / "last.pt", weights_only=False)["epoch"] == cfg.epochs
     pd.testing.assert_frame_equal(r["table"], r2["table"])   # same weights, same numbers
 
 
@@ -85,12 +98,16 @@ def test_existing_run_is_not_overwritten(run):
 
 
 def test_data_selection_is_seeded_and_checked(tmp_path):
-    cfg = trivae_config("smoke")
-    a, b = trivae_data(cfg, progress=False), trivae_data(cfg, progress=False)
-    assert [s.id for s in a["train"]] == [s.id for s in b["train"]]
+    cfg = trivae_config("smoke", n_train_subjects=4)
+    src = validate_config(SPEC, cfg)
+    a, b = select_subjects(cfg, src, progress=False), select_subjects(cfg, src, progress=False)
+    assert [s.id for s in a["train"]] == [s.id for s in b["train"]] and len(a["train"]) == 4
     assert not {s.id for s in a["train"]} & {s.id for s in a["val"]}
-    with pytest.raises(UADInputError, match="asked for 50 training"):
-        trivae_data(trivae_config("smoke", n_train_subjects=50), progress=False)
+    c = trivae_config("smoke", n_train_subjects=4, seed=1)
+    assert {s.id for s in select_subjects(c, src, progress=False)["train"]} != {s.id for s in a["train"]}
+    big = trivae_config("smoke", n_train_subjects=50)
+    with pytest.raises(UADInputError, match="asked for 50 train"):
+        select_subjects(big, validate_config(SPEC, big), progress=False)
 
 
 @pytest.mark.slow
@@ -107,7 +124,7 @@ def test_study_under_torchrun(tmp_path):
                         "-m", "uad_study.cli", "trivae", "--models", "vae", "--epochs", "1", "--out", str(out),
                         "--no-progress", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("Tri-VAE study (smoke)") == 1                 # one report: process 0's
+    assert p.stdout.count("trivae (smoke) on") == 1                 # one report: process 0's
     log = pd.read_csv(out / "models" / "vae" / "train_log.csv")
     assert len(log) == 1 and log["train_loss"].notna().all()
     assert (out / "table1.csv").is_file() and (out / "figures" / "fig4_segmentations.png").is_file()

@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from uad_study.core import UADInputError
+from uad_study.losses import kl_divergence, l1, ssim
+from uad_study.models.base import check_model
 from uad_study.models.dae import DenoisingObjective, UNet, UNetConfig
-from uad_study.models.trivae import (ABLATIONS, GatedCrossSkip, NoiseConfig, TriVAE, TriVAEConfig, TriVAELossConfig,
-                                     TriVAEObjective, ablation_config, add_noise, capture_features, kld, l1,
-                                     latent_codes, ssim, triplet_loss)
+from uad_study.models.trivae import (ABLATIONS, GatedCrossSkip, TriVAE, TriVAEConfig, TriVAELossConfig, TriVAEObjective,
+                                     ablation_config, capture_features, latent_codes, triplet_loss)
+from uad_study.noise import NoiseConfig, add_noise
 
 SMALL = dict(in_size=64, channels=(8, 8, 16, 16, 16), embed_dim=32, latent_dim=16)
 
@@ -93,7 +95,7 @@ def test_gcs_suppresses_disagreeing_regions():
 def test_loss_reference_values():
     assert l1(torch.zeros(4), torch.tensor([1.0, -1.0, 0.5, 0.5])).item() == pytest.approx(0.75)
     mu, lv = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
-    assert kld(mu, lv).item() == pytest.approx(0.5 * (1 + 1 - 0 - 1) + 0.5 * (0 + 2 - math.log(2) - 1))
+    assert kl_divergence(mu, lv).item() == pytest.approx(0.5 * (1 + 1 - 0 - 1) + 0.5 * (0 + 2 - math.log(2) - 1))
     a = torch.tensor([[0.0, 0.0], [0.0, 0.0]]); p = torch.tensor([[1.0, 0.0], [0.0, 0.5]]); n = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
     # d(a,p) = 1, 0.25; d(a,n) = 1, 9: max(1 - 1 + 1, 0) = 1; max(0.25 - 9 + 1, 0) = 0 -> mean 0.5
     assert triplet_loss(a, p, n, margin=1.0).item() == pytest.approx(0.5)
@@ -103,6 +105,9 @@ def test_loss_reference_values():
     assert ssim(c, c * 0 + 0.25).item() == pytest.approx((2 * 0.5 * 0.25 + 1e-4) / (0.25 + 0.0625 + 1e-4), abs=1e-5)
     with pytest.raises(UADInputError, match="SSIM window"):
         ssim(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+    # eq. 7's loss averages the valid region only: the full-size (symmetric-border) map's mean is another number
+    u = _batch(2, 32)
+    assert ssim(u, u * 0.5).item() != pytest.approx(ssim(u, u * 0.5, border="symmetric").item(), abs=1e-4)
 
 
 def test_objective_pinned_values():
@@ -139,7 +144,7 @@ def test_objective_wiring():
     tgt = F.adaptive_avg_pool2d(torch.cat([xa, xp, xn]), (8, 8))
     coarse = sum(float(l1(o["coarse"][i:i + 2], tgt[i:i + 2])) for i in (0, 2, 4))
     assert float(parts["l1_coarse"]) == pytest.approx(coarse, rel=1e-6)
-    kl = float(kld(o["mu"][:2], o["logvar"][:2]) + kld(o["mu"][2:4], o["logvar"][2:4]))
+    kl = float(kl_divergence(o["mu"][:2], o["logvar"][:2]) + kl_divergence(o["mu"][2:4], o["logvar"][2:4]))
     assert float(parts["kl"]) == pytest.approx(kl, rel=1e-6)                     # anchor + positive only (eq. 4)
     e = o["embedding"]
     assert float(parts["triplet"]) == pytest.approx(float(triplet_loss(e[:2], e[2:4], e[4:])), rel=1e-6)
@@ -152,7 +157,7 @@ def test_baseline_vae_objective_is_l1_plus_kl():
     x = _batch(4)
     with torch.no_grad(): loss, parts = TriVAEObjective()(m, x); o = m(x)
     assert set(parts) == {"l1", "kl"}
-    assert float(loss) == pytest.approx(float(l1(o["recon"], x) + kld(o["mu"], o["logvar"])), rel=1e-6)
+    assert float(loss) == pytest.approx(float(l1(o["recon"], x) + kl_divergence(o["mu"], o["logvar"])), rel=1e-6)
 
 
 def test_objective_needs_three_slices():
@@ -196,3 +201,21 @@ def test_latent_codes_seeded():
     a, b, c = latent_codes(m, s, 2, seed=1), latent_codes(m, s, 2, seed=1), latent_codes(m, s, 2, seed=2)
     assert np.array_equal(a["resampled"], b["resampled"]) and not np.array_equal(a["resampled"], c["resampled"])
     assert np.array_equal(a["embedding"], c["embedding"])
+
+
+def test_models_follow_the_protocol():
+    "Tri-VAE (every Table 2 row) and the DAE's U-Net pass `check_model`; the U-Net declares its unbounded output."
+    for row in ABLATIONS:
+        got = check_model(TriVAE(ablation_config(row, **SMALL)), _batch(2))
+        assert got["recon"] == (2, 1, 64, 64) and got["encode"] == (2, 32) and got["feature_layers"] == ["decoder_coarse", "decoder_mid"]
+    u = UNet(UNetConfig(in_size=64, width=4))
+    assert UNet.recon_range is None and check_model(u, _batch(2))["encode"] is None
+
+
+def test_state_dict_keys_unchanged():
+    "Checkpoints keep loading: the blocks moved to models.base keep their parameter names."
+    keys = list(TriVAE(TriVAEConfig(**SMALL)).state_dict())
+    assert keys[:8] == ["enc.0.0.weight", "enc.0.1.weight", "enc.0.1.bias", "enc.0.3.weight", "enc.0.4.weight", "enc.0.4.bias",
+                        "enc.1.0.weight", "enc.1.1.weight"]
+    assert "down.0.0.weight" in keys and "up.0.1.weight" in keys and "up.0.2.bias" in keys
+    assert list(UNet(UNetConfig(in_size=64, width=4)).state_dict())[:3] == ["enc.0.0.weight", "enc.0.1.weight", "enc.0.1.bias"]

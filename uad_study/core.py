@@ -7,6 +7,7 @@ Docs: https://uad-study.github.io/uad_study/core.html.md"""
 # %% ../nbs/00_core.ipynb #83a30929
 from __future__ import annotations
 import contextlib, dataclasses, hashlib, json, os, random, shutil, tempfile, time
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,8 +16,8 @@ import torch
 
 # %% auto #0
 __all__ = ['UADInputError', 'project_root', 'data_dir', 'resolve_path', 'seed_everything', 'get_device', 'atomic_path',
-           'atomic_write_text', 'to_json', 'atomic_write_json', 'atomic_dir', 'config_hash', 'prepare_run_dir',
-           'profile_config', 'Timer']
+           'atomic_write_text', 'to_json', 'atomic_write_json', 'atomic_dir', 'config_hash', 'config_diff',
+           'prepare_run_dir', 'profile_config', 'Timer', 'paper_table_names', 'paper_table']
 
 # %% ../nbs/00_core.ipynb #c1a73914
 class UADInputError(ValueError):
@@ -131,6 +132,16 @@ def config_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha1(to_json(obj).encode()).hexdigest()[:n]
 
 # %% ../nbs/00_core.ipynb #570e5ddd
+def config_diff(old: dict, new: dict, ignore_keys: tuple = (), prefix: str = "") -> list[str]:
+    "Every setting that differs between two configs, as 'dotted.key: old -> new' (nested dicts compared key by key)."
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k in ignore_keys: continue
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict): out += config_diff(a, b, ignore_keys, f"{prefix}{k}.")
+        elif a != b: out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
 def prepare_run_dir(out_dir: str | Path,
                     config: dict,           # the run's full config, written to config.json
                     overwrite: bool = False, # delete an existing run folder and start again
@@ -150,10 +161,11 @@ def prepare_run_dir(out_dir: str | Path,
             if cfg_file.exists():
                 old = json.loads(cfg_file.read_text())
                 new = json.loads(to_json(config))
-                diff = sorted(k for k in set(old) | set(new) if k not in ignore_keys and old.get(k) != new.get(k))
+                diff = config_diff(old, new, ignore_keys)
                 if diff:
-                    raise UADInputError("resume needs the same config as the run folder; these keys differ "
-                                        "(use overwrite=True or another out_dir)", diff, cfg_file)
+                    raise UADInputError("resume needs the same config as the run folder; these settings differ, "
+                                        "as 'key: run folder -> now' (use overwrite=True or another out_dir): "
+                                        + "; ".join(diff), None, cfg_file)
         else:
             raise UADInputError("run folder exists and is not empty: pass resume=True (--resume) to continue it "
                                 "or overwrite=True (--overwrite) to start again", None, out)
@@ -185,3 +197,19 @@ class Timer:
         t0 = time.perf_counter()
         try: yield
         finally: self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+# %% ../nbs/00_core.ipynb #0e63bd8f
+def paper_table_names() -> list[str]:
+    "Names of the papers' tables shipped with the package (CSV file names without `.csv`), sorted."
+    d = resources.files("uad_study") / "paper_tables"
+    return sorted(p.name[:-4] for p in d.iterdir() if p.name.endswith(".csv"))
+
+def paper_table(name: str,   # the table's name, e.g. "tri-vae_table1" (a trailing ".csv" is accepted)
+                ) -> "pandas.DataFrame":
+    "A paper's published table as a pandas DataFrame, read from the package data."
+    import pandas as pd  # imported here: pandas adds to every `import uad_study.core` and only the studies need it
+    stem = name[:-4] if name.endswith(".csv") else name
+    known = paper_table_names()
+    if stem not in known: raise UADInputError(f"unknown paper table; known: {', '.join(known)}", name)
+    with (resources.files("uad_study") / "paper_tables" / f"{stem}.csv").open("r", encoding="utf-8") as f:
+        return pd.read_csv(f)

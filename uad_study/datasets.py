@@ -6,7 +6,7 @@ Docs: https://uad-study.github.io/uad_study/datasets.html.md"""
 
 # %% ../nbs/02_datasets.ipynb #a836912d
 from __future__ import annotations
-import inspect, re
+import glob, inspect, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,11 +19,13 @@ from .core import UADInputError
 from .io import Subject, load_image, load_volume
 
 # %% auto #0
-__all__ = ['NII_RE', 'LABELS', 'IXI_RE', 'BRATS_OLD_RE', 'BRATS23_RE', 'BRATS23_COMMON', 'ATLAS2_RE', 'ATLAS12_T1_RE',
-           'ATLAS12_MASK_RE', 'MSLUB_RAW', 'MSLUB_MNI_RE', 'FASTMRI_COLUMNS', 'DATASETS', 'nifti_stem', 'label_volume',
+__all__ = ['NII_RE', 'MODALITIES', 'MODALITY_ALIASES', 'DATASET_MODALITIES', 'LABELS', 'IXI_RE', 'BRATS_OLD_RE', 'BRATS23_RE',
+           'ATLAS2_RE', 'ATLAS12_T1_RE', 'ATLAS12_MASK_RE', 'MSLUB_RAW', 'MSLUB_MNI_RE', 'FASTMRI_COLUMNS',
+           'LABEL_VALUES_HINT', 'DATASETS', 'nifti_stem', 'canonical_modality', 'modality_aliases', 'label_volume',
            'read_ixi_demographics', 'find_ixi_subjects', 'find_brats', 'find_atlas', 'find_mslub', 'find_nifti',
-           'read_fastmri_annotations', 'fastmri_slice', 'box_mask', 'find_fastmri_brain', 'check_subject', 'DataReport',
-           'check_subjects', 'detect_dataset', 'find_subjects', 'check_dataset', 'load_subjects']
+           'read_fastmri_annotations', 'fastmri_slice', 'box_mask', 'find_fastmri_brain', 'allowed_label_values',
+           'check_subject', 'DataReport', 'check_subjects', 'detect_dataset', 'find_subjects', 'check_dataset',
+           'load_subjects']
 
 # %% ../nbs/02_datasets.ipynb #444fb993
 def _problem(errors: list | None, rule: str, value=None, path=None) -> None:
@@ -54,10 +56,53 @@ def _add(errors, files: dict, key: str, path: Path, sid: str) -> None:
     else: files[key] = path
 
 # %% ../nbs/02_datasets.ipynb #354852c0
+MODALITIES = ("t1", "t1ce", "t2", "flair", "pd")  # the canonical modality keys, in display order
+MODALITY_ALIASES = {  # spelling (lower case, without "-", "_", spaces) -> canonical key
+    "t1": "t1", "t1w": "t1", "t1n": "t1", "t1pre": "t1",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1post": "t1ce", "t1wks": "t1ce",
+    "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair", "t2flair": "flair", "fla": "flair",
+    "pd": "pd", "pdw": "pd",
+}
+
+def canonical_modality(name: str,
+                       strict: bool = False,  # raise for a name that is no alias of MODALITIES (default: keep it, lower-cased)
+                       ) -> str:
+    "The canonical key of a modality name in any case or spelling: 'T2', 't2w' -> 't2'; 'T1POST', 't1c' -> 't1ce'; 't2f' -> 'flair'."
+    raw = str(name).strip()
+    key = re.sub(r"[\s_\-]", "", raw.lower())
+    if key in MODALITY_ALIASES: return MODALITY_ALIASES[key]
+    if strict or not raw:
+        raise UADInputError(f"modality must be one of {list(MODALITIES)} or an alias ({', '.join(sorted(MODALITY_ALIASES))})", name)
+    return raw.lower()
+
+def _canonical_all(modalities) -> tuple:
+    "Canonical keys of `modalities`, in order, without repeats."
+    if isinstance(modalities, str): modalities = (modalities,)
+    return tuple(dict.fromkeys(canonical_modality(m) for m in modalities))
+
+# %% ../nbs/02_datasets.ipynb #fb93af56
+DATASET_MODALITIES = {  # adapter -> canonical key -> the modality's name(s) in that dataset's file names
+    "ixi":     {"t1": ("T1",), "t2": ("T2",), "pd": ("PD",)},
+    "brats":   {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2", "t2w"), "flair": ("flair", "t2f")},
+    "atlas":   {"t1": ("T1w", "t1w_deface")},
+    "mslub":   {"flair": ("FLAIR",), "t1": ("T1W", "T1"), "t1ce": ("T1WKS", "T1POST"), "t2": ("T2W", "T2")},
+    "fastmri": {"t1": ("AXT1", "AXT1PRE"), "t1ce": ("AXT1POST",), "t2": ("AXT2",), "flair": ("AXFLAIR",)},
+    "nifti":   {},
+}
+
+def modality_aliases(dataset: str,  # an adapter name: ixi, brats, atlas, mslub, fastmri, nifti
+                     ) -> dict[str, tuple]:
+    "Per canonical modality key, the names the `dataset` adapter's files use ({} for 'nifti': the user's globs name them)."
+    if dataset not in DATASET_MODALITIES: raise UADInputError(f"dataset must be one of {sorted(DATASET_MODALITIES)}", dataset)
+    return dict(DATASET_MODALITIES[dataset])
+
+# %% ../nbs/02_datasets.ipynb #16801a66
 LABELS = {
     "brats":     {"values": (0, 1, 2, 4), "regions": {"any": (1, 2, 4), "whole_tumour": (1, 2, 4), "tumour_core": (1, 4), "enhancing": (4,)}},
     "brats2023": {"values": (0, 1, 2, 3), "regions": {"any": (1, 2, 3), "whole_tumour": (1, 2, 3), "tumour_core": (1, 3), "enhancing": (3,)}},
     "binary":    {"values": (0, 1), "regions": {"any": (1,)}},
+    "nifti":     {"values": None, "regions": {}},  # None: any non-negative integer
 }
 
 def label_volume(s: Subject,
@@ -73,10 +118,10 @@ def label_volume(s: Subject,
     if region is None: return lab
     if region == "any": return lab > 0
     regions = LABELS.get(s.meta.get("labels_convention", "binary"), LABELS["binary"])["regions"]
-    if region not in regions: raise UADInputError(f"label region must be one of {sorted(regions)}", region, paths[0])
+    if region not in regions: raise UADInputError(f"label region must be one of {sorted(set(regions) | {'any'})}", region, paths[0])
     return np.isin(lab, regions[region])
 
-# %% ../nbs/02_datasets.ipynb #fb93af56
+# %% ../nbs/02_datasets.ipynb #e7b4012d
 IXI_RE = re.compile(r"^(IXI\d{3})-(Guys|HH|IOP)-(\d{4})-(T1|T2|PD|MRA|DTI(?:-\d+)?)\.nii(\.gz)?$")
 
 def read_ixi_demographics(path: str | Path) -> pd.DataFrame:
@@ -92,8 +137,9 @@ def read_ixi_demographics(path: str | Path) -> pd.DataFrame:
     df.index = [f"IXI{int(i):03d}" for i in df["IXI_ID"]]
     return df[~df.index.duplicated()]
 
+# %% ../nbs/02_datasets.ipynb #c65ebe8c
 def find_ixi_subjects(root: str | Path,
-                      modalities: tuple = ("T2",),      # required modalities among T1, T2, PD
+                      modalities: tuple = ("t2",),      # required modalities among t1, t2, pd (any case)
                       demographics: str | Path | None = None,  # IXI.xls / .csv; None looks for IXI*.xls/csv under root
                       on_missing: str = "error",        # a subject lacking a modality: "error" or "skip"
                       errors: list | None = None,
@@ -101,13 +147,15 @@ def find_ixi_subjects(root: str | Path,
     "IXI subjects under `root` with `modalities`, site and (when found) sex and age in `meta`."
     root = _root(root, "IXI", errors)
     if root is None: return []
+    modalities = _canonical_all(modalities)
     by_id: dict[str, Subject] = {}
     for f in _nifti_files(root):
         m = IXI_RE.match(f.name)
         if not m: continue
-        sid, site, mod = m.group(1), m.group(2), m.group(4)
-        s = by_id.setdefault(sid, Subject(sid, {}, meta={"dataset": "IXI", "site": site, "labels_convention": "binary"}))
-        if mod in modalities: _add(errors, s.images, mod, f, sid)
+        sid, site, mod = m.group(1), m.group(2), canonical_modality(m.group(4))
+        s = by_id.setdefault(sid, Subject(sid, {}, meta={"dataset": "IXI", "site": site, "labels_convention": "binary",
+                                                          "file_modalities": {}}))
+        if mod in modalities: _add(errors, s.images, mod, f, sid); s.meta["file_modalities"][mod] = m.group(4)
     if not by_id: _problem(errors, "no IXI file (IXI###-Site-####-T1/T2/PD.nii.gz) found", None, root); return []
     if demographics is None:
         cands = sorted(p for p in root.rglob("IXI*") if p.suffix.lower() in (".xls", ".xlsx", ".csv"))
@@ -130,41 +178,43 @@ def find_ixi_subjects(root: str | Path,
 # %% ../nbs/02_datasets.ipynb #3a142e5e
 BRATS_OLD_RE = re.compile(r"^((?:BraTS|Brats)(?:\d{2}|20\d{2})_.+?)_(t1|t1ce|t2|flair|seg)\.nii(\.gz)?$")
 BRATS23_RE = re.compile(r"^(BraTS-(?:GLI|MEN|MET|PED|SSA)-\d{5}-\d{3})-(t1c|t1n|t2f|t2w|seg)\.nii(\.gz)?$")
-BRATS23_COMMON = {"t1c": "t1ce", "t1n": "t1", "t2f": "flair", "t2w": "t2"}
 
 def _brats_name(name: str):
-    "(id, modality, convention) of a BraTS file name, or None."
+    "(id, modality as in the file name, convention) of a BraTS file name, or None."
     m = BRATS23_RE.match(name)
     if m: return m.group(1), m.group(2), "brats2023"
     m = BRATS_OLD_RE.match(name)
     if m: return m.group(1), m.group(2), "brats"
     return None
 
+def _mod_order(m: str):
+    "Sort key: canonical modalities in MODALITIES order, then any other name."
+    return (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m)
+
+# %% ../nbs/02_datasets.ipynb #4e3aac4c
 def find_brats(root: str | Path,
-               modalities: tuple | None = None,  # required modalities (file names' scheme, or common names); None: every modality any subject has
+               modalities: tuple | None = None,  # required modalities, any spelling (T2, t2w, FLAIR, t2f); None: every modality any subject has
                label: str = "auto",              # "auto": required if any subject has a seg; "required"; "none"
-               common_names: bool = False,       # BraTS 2023+: use t1ce/t1/flair/t2 as modality keys
                errors: list | None = None,
                ) -> list[Subject]:
-    "BraTS subjects (2018-2021 or 2023+ names) under `root`, with labels when the folder has them."
+    "BraTS subjects (2018-2021 or 2023+ names) under `root`, images keyed t1/t1ce/t2/flair, with labels when the folder has them."
     root = _root(root, "BraTS", errors)
     if root is None: return []
-    files: dict[str, dict] = {}; conv: dict[str, str] = {}
+    files: dict[str, dict] = {}; names: dict[str, dict] = {}; conv: dict[str, str] = {}
     for f in _nifti_files(root):
         r = _brats_name(f.name)
         if r is None: continue
-        sid, mod, c = r
-        if c == "brats2023" and common_names: mod = BRATS23_COMMON.get(mod, mod)
-        conv[sid] = c; _add(errors, files.setdefault(sid, {}), mod, f, sid)
+        sid, tok, c = r
+        mod = "seg" if tok == "seg" else canonical_modality(tok)
+        conv[sid] = c; _add(errors, files.setdefault(sid, {}), mod, f, sid); names.setdefault(sid, {})[mod] = tok
     if not files: _problem(errors, "no BraTS file (BraTS20_Training_###_t2.nii.gz, BraTS-GLI-#####-###-t2w.nii.gz, ...) found", None, root); return []
     if len(set(conv.values())) > 1: _problem(errors, "folder mixes BraTS 2018-2021 and 2023+ names (label values differ): split it", sorted(set(conv.values())), root)
     need_label = label == "required" or (label == "auto" and any("seg" in v for v in files.values()))
-    order = ("t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f")
-    union = tuple(sorted({m for fs in files.values() for m in fs if m != "seg"}, key=lambda m: (order.index(m) if m in order else 99, m)))
+    union = tuple(sorted({m for fs in files.values() for m in fs if m != "seg"}, key=_mod_order))
+    want = _canonical_all(modalities) if modalities else union
     out = []
     for sid, fs in sorted(files.items()):
         c = conv[sid]
-        want = tuple(modalities) if modalities else union
         missing = [m for m in want if m not in fs]
         folder = next(iter(fs.values())).parent
         stray = sorted(f.name for f in folder.iterdir() if NII_RE.search(f.name) and _brats_name(f.name) is None)
@@ -172,7 +222,8 @@ def find_brats(root: str | Path,
         if missing: _problem(errors, f"BraTS subject {sid} is missing modalities {missing}{hint}", sorted(fs), folder); continue
         if need_label and "seg" not in fs: _problem(errors, f"BraTS subject {sid} has no _seg label (other subjects have one){hint}", sorted(fs), folder); continue
         out.append(Subject(sid, {m: fs[m] for m in want}, label=fs.get("seg") if label != "none" else None,
-                           meta={"dataset": "BraTS2023+" if c == "brats2023" else "BraTS", "labels_convention": c}))
+                           meta={"dataset": "BraTS2023+" if c == "brats2023" else "BraTS", "labels_convention": c,
+                                 "file_modalities": {m: names[sid][m] for m in want}}))
     return out
 
 # %% ../nbs/02_datasets.ipynb #bb557471
@@ -210,30 +261,32 @@ def find_atlas(root: str | Path,
         if len(d["t1"]) != 1: _problem(errors, f"ATLAS subject {name} needs exactly one T1 image", [p.name for p in d["t1"]], where); continue
         if need_label and not d["masks"]: _problem(errors, f"ATLAS subject {name} has no lesion mask (other subjects have one)", None, d["t1"][0]); continue
         masks = sorted(d["masks"]) if label != "none" else []
-        meta = {"dataset": f"ATLAS{d['version']}", "site": d["site"], "labels_convention": "binary"}
+        meta = {"dataset": f"ATLAS{d['version']}", "site": d["site"], "labels_convention": "binary",
+                "file_modalities": {"t1": "T1w" if d["version"] == "2.0" else "t1w_deface"}}
         if len(masks) > 1: meta["labels"] = masks
-        out.append(Subject(name, {"T1": d["t1"][0]}, label=masks[0] if masks else None, meta=meta))
+        out.append(Subject(name, {"t1": d["t1"][0]}, label=masks[0] if masks else None, meta=meta))
     return out
 
 # %% ../nbs/02_datasets.ipynb #8a5826d3
-MSLUB_RAW = {"FLAIR": "FLAIR", "T1W": "T1", "T1WKS": "T1POST", "T2W": "T2", "consensus_gt": "label", "brainmask": "mask"}
+MSLUB_RAW = {"FLAIR": "flair", "T1W": "t1", "T1WKS": "t1ce", "T2W": "t2", "consensus_gt": "label", "brainmask": "mask"}
 MSLUB_MNI_RE = re.compile(r"^(FLAIR|T1|T1POST|T2)_N4_.*_brain_N4_regtoMNI\.nii(\.gz)?$|^(GOLD_STANDARD)_.*regtoMNI\.nii(\.gz)?$")
 
 def find_mslub(root: str | Path,
-               modalities: tuple = ("FLAIR", "T1", "T1POST", "T2"),  # required modalities
+               modalities: tuple = ("flair", "t1", "t1ce", "t2"),  # required modalities, any spelling (FLAIR, T1POST, ...)
                variant: str = "auto",    # "raw", "coregistered", "mni", or "auto" (the one variant found)
                errors: list | None = None,
                ) -> list[Subject]:
     "MSLUB patients under `root` (raw, coregistered or MNI variant), with consensus lesion masks."
     root = _root(root, "MSLUB", errors)
     if root is None: return []
-    found: dict[tuple, dict] = {}
+    modalities = _canonical_all(modalities)
+    found: dict[tuple, dict] = {}; names: dict[tuple, dict] = {}
     for f in _nifti_files(root):
         stem = nifti_stem(f.name)
-        if stem in MSLUB_RAW: v, key = ("raw" if "raw" in f.relative_to(root).parts[:-1] else "coregistered"), MSLUB_RAW[stem]
-        elif (m := MSLUB_MNI_RE.match(f.name)): v, key = "mni", ("label" if m.group(3) else m.group(1))
+        if stem in MSLUB_RAW: v, key, tok = ("raw" if "raw" in f.relative_to(root).parts[:-1] else "coregistered"), MSLUB_RAW[stem], stem
+        elif (m := MSLUB_MNI_RE.match(f.name)): v, key, tok = "mni", ("label" if m.group(3) else canonical_modality(m.group(1))), m.group(1) or m.group(3)
         else: continue
-        _add(errors, found.setdefault((v, f.parent.name), {}), key, f, f.parent.name)
+        _add(errors, found.setdefault((v, f.parent.name), {}), key, f, f.parent.name); names.setdefault((v, f.parent.name), {})[key] = tok
     variants = sorted({v for v, _ in found})
     if not found: _problem(errors, "no MSLUB file (FLAIR.nii.gz + consensus_gt.nii.gz, or FLAIR_N4_..._regtoMNI.nii.gz) found", None, root); return []
     if variant == "auto":
@@ -247,39 +300,67 @@ def find_mslub(root: str | Path,
         if missing: _problem(errors, f"MSLUB patient {pid} is missing modalities {missing}", sorted(fs), where); continue
         if "label" not in fs: _problem(errors, f"MSLUB patient {pid} has no consensus lesion mask", sorted(fs), where); continue
         out.append(Subject(pid, {m: fs[m] for m in modalities}, label=fs["label"], mask=fs.get("mask"),
-                           meta={"dataset": "MSLUB", "variant": v, "labels_convention": "binary",
-                                 "coregistered": v != "raw", "grid_reference": "FLAIR"}))
+                           meta={"dataset": "MSLUB", "variant": v, "labels_convention": "binary", "coregistered": v != "raw",
+                                 "grid_reference": "flair", "file_modalities": {m: names[(v, pid)][m] for m in modalities}}))
     if not out and (errors is None or not errors): _problem(errors, f"no MSLUB patient in variant {variant!r}", variants, root)
     return out
 
 # %% ../nbs/02_datasets.ipynb #9732b6e5
-def _glob_ids(root: Path, pattern: str, what: str, errors) -> dict[str, Path]:
-    last = pattern.replace("\\", "/").split("/")[-1]
+def _any_case(text: str) -> str:
+    "A glob fragment that matches `text` literally in any letter case."
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.lower() != c.upper() else glob.escape(c) for c in text)
+
+def _image_globs(images: str | dict, modalities, root) -> dict[str, tuple[str, str, str]]:
+    "{canonical modality: (glob, the glob as the user wrote it, the modality as the user named it)}."
+    want = _canonical_all(modalities) if modalities else ()
+    if isinstance(images, str) and "{modality}" in images:
+        if not want: raise UADInputError("an images glob with {modality} needs modalities (e.g. --modalities T2 FLAIR)", images, root)
+        given = {}
+        for m in ([modalities] if isinstance(modalities, str) else modalities): given.setdefault(canonical_modality(m), m)
+        return {c: (images.replace("{modality}", _any_case(m)), images.replace("{modality}", m), m) for c, m in given.items()}
+    if isinstance(images, str):
+        if len(want) > 1: raise UADInputError("one images glob gives one modality: put {modality} in it or give one glob per modality", list(want), root)
+        return {want[0] if want else "image": (images, images, want[0] if want else "image")}
+    out = {}
+    for k, g in images.items():
+        c = canonical_modality(k)
+        if c in out: raise UADInputError(f"two images globs name the modality {c!r}", list(images), root)
+        out[c] = (g, g, k)
+    missing = [m for m in want if m not in out]
+    if missing: raise UADInputError(f"modalities {missing} have no images glob", list(images), root)
+    return {m: out[m] for m in want} if want else out
+
+def _glob_ids(root: Path, pattern: str, what: str, errors, shown: str | None = None) -> dict[str, Path]:
+    "{subject id: file} for the files matching `pattern` (`shown`: the glob as the user wrote it, for ids and messages)."
+    shown = shown or pattern
+    last = shown.replace("\\", "/").split("/")[-1]
     wild = [i for i, ch in enumerate(last) if ch in "*?["]
     pre, post = (last[:wild[0]], last[max(i for i in range(len(last)) if last[i] in "*?]") + 1:]) if wild else ("", "")
     files = sorted(p for p in root.glob(pattern) if p.is_file())
-    if not files: _problem(errors, f"no file matches the {what} glob under {root}", pattern, root); return {}
+    if not files: _problem(errors, f"no file matches the {what} glob under {root}", shown, root); return {}
     out: dict[str, Path] = {}
     for f in files:
         if not NII_RE.search(f.name): _problem(errors, f"{what} glob matched a file that is not NIfTI (.nii/.nii.gz)", f.name, f); continue
-        if wild: sid = f.name[len(pre):len(f.name) - len(post)] if f.name.endswith(post) else nifti_stem(f.name)
+        if wild: sid = f.name[len(pre):len(f.name) - len(post)] if f.name.lower().endswith(post.lower()) else nifti_stem(f.name)
         else: sid = f.parent.relative_to(root).as_posix()
         if sid in out: _problem(errors, f"duplicate subject id {sid!r} from the {what} glob (also {out[sid]})", sid, f); continue
         out[sid] = f
     return out
 
+# %% ../nbs/02_datasets.ipynb #7002cf65
 def find_nifti(root: str | Path,
-               images: str | dict[str, str],     # glob for the images, or {modality: glob}
+               images: str | dict[str, str],     # glob for the images (may hold {modality}), or {modality: glob}
                labels: str | None = None,        # glob for the labels (every subject needs one)
                masks: str | None = None,         # glob for brain masks (every subject needs one)
-               label_values: tuple | None = None,  # allowed label values, checked by `check_subjects`
+               label_values: tuple | None = None,  # allowed label values, checked by `check_subjects` (default: any non-negative integer)
+               modalities: tuple | None = None,  # modalities to fill {modality} with, or to pick from a dict (any case)
                errors: list | None = None,
                ) -> list[Subject]:
-    "Subjects from any NIfTI folder, matched per subject id across image, label and mask globs."
+    "Subjects from any NIfTI folder, matched per subject id across image, label and mask globs; images keyed by canonical modality."
     root = _root(root, "NIfTI", errors)
     if root is None: return []
-    images = images if isinstance(images, dict) else {"image": images}
-    by_mod = {m: _glob_ids(root, g, f"images ({m})", errors) for m, g in images.items()}
+    globs = _image_globs(images, modalities, root)
+    by_mod = {c: _glob_ids(root, g, f"images ({name})", errors, shown) for c, (g, shown, name) in globs.items()}
     ids = sorted(set().union(*[set(d) for d in by_mod.values()]))
     lab = _glob_ids(root, labels, "labels", errors) if labels else {}
     msk = _glob_ids(root, masks, "masks", errors) if masks else {}
@@ -288,13 +369,13 @@ def find_nifti(root: str | Path,
             _problem(errors, f"{what} has no matching image (subject id {sid!r})", sid, d[sid])
     out = []
     for sid in ids:
-        missing = [m for m in by_mod if sid not in by_mod[m]]
+        missing = [globs[m][2] for m in by_mod if sid not in by_mod[m]]
         some = next(by_mod[m][sid] for m in by_mod if sid in by_mod[m])
         if missing: _problem(errors, f"subject {sid!r} is missing modalities {missing}", sid, some); continue
         if labels and sid not in lab: _problem(errors, f"subject {sid!r} has no file matching the labels glob", labels, some); continue
         if masks and sid not in msk: _problem(errors, f"subject {sid!r} has no file matching the masks glob", masks, some); continue
-        meta = {"dataset": "nifti", "labels_convention": "binary"}
-        if label_values is not None: meta["label_values"] = tuple(label_values)
+        meta = {"dataset": "nifti", "labels_convention": "nifti", "file_modalities": {c: globs[c][2] for c in by_mod}}
+        if label_values is not None: meta["label_values"] = tuple(int(v) for v in label_values)
         out.append(Subject(sid, {m: by_mod[m][sid] for m in by_mod}, label=lab.get(sid), mask=msk.get(sid), meta=meta))
     return out
 
@@ -334,6 +415,7 @@ def box_mask(shape: tuple, boxes: list) -> np.ndarray:
         x, y, w, h = (int(round(float(v))) for v in b[:4]); m[max(y, 0):y + h, max(x, 0):x + w] = True
     return m
 
+# %% ../nbs/02_datasets.ipynb #63b6daa3
 def find_fastmri_brain(root: str | Path,
                        annotations: str | Path,           # fastMRI+ brain.csv
                        slices: str | list = "annotated",  # "annotated", "middle", or a list of slice indices
@@ -365,10 +447,11 @@ def find_fastmri_brain(root: str | Path,
         sl = sorted(boxes) if slices == "annotated" else [n // 2] if slices == "middle" else [int(i) for i in slices]
         bad = [i for i in sl if not 0 <= i < n]
         if bad: _problem(errors, f"slice indices must be in [0, {n})", bad, p); continue
+        contrast = name.split("_")[2] if name.count("_") >= 2 else None
         out.append(Subject(name, {"rss": p}, meta={"dataset": "fastMRI+", "format": "fastmri-h5", "slices": sl,
                                                    "boxes": {i: boxes.get(i, []) for i in sl}, "shape": (n, H, W),
-                                                   "study_labels": sorted(set(rows[study]["label"].astype(str))),
-                                                   "contrast": name.split("_")[2] if name.count("_") >= 2 else None}))
+                                                   "study_labels": sorted(set(rows[study]["label"].astype(str))), "contrast": contrast,
+                                                   "modality": canonical_modality(re.sub(r"^AX", "", contrast)) if contrast else None}))
     return out
 
 # %% ../nbs/02_datasets.ipynb #3723463f
@@ -393,8 +476,38 @@ def _check_fastmri(s: Subject, errors: list) -> dict:
     row["label_voxels"] = sum(len(v) for v in s.meta.get("boxes", {}).values())
     return row
 
+# %% ../nbs/02_datasets.ipynb #5b8821dc
+LABEL_VALUES_HINT = "(set --label-values to change the allowed values)"
+
+def allowed_label_values(s: Subject,
+                         label_values: tuple | None = None,  # an explicit restriction (wins over the subject's convention)
+                         ) -> tuple | None:
+    "The label values allowed for `s`: `label_values`, else `meta['label_values']`, else its convention's; None means any non-negative integer."
+    if label_values is not None: return tuple(int(v) for v in label_values)
+    if "label_values" in s.meta: return tuple(s.meta["label_values"])
+    return LABELS.get(s.meta.get("labels_convention", "binary"), LABELS["binary"])["values"]
+
+def _check_labels(s: Subject, ref, ref_path, allowed: tuple | None, errs: list) -> tuple[set, int]:
+    "Check each label file of `s`; returns (values found, anomalous voxels)."
+    vals: set = set(); nvox = 0
+    for lp in s.meta.get("labels") or ([s.label] if s.label is not None else []):
+        try: lv, limg = load_volume(lp, canonical=False), load_image(lp)
+        except UADInputError as e: errs.append(e); continue
+        lv = lv[0]
+        if ref is not None and not _grid(ref, ref_path, limg, lp, "label", errs): continue
+        u = np.unique(lv)
+        if not np.all(u == np.round(u)): _problem(errs, "label values must be integers", [float(x) for x in u[u != np.round(u)][:5]], lp); continue
+        found = sorted(int(x) for x in u)
+        vals |= set(found); nvox += int((lv > 0).sum())
+        if allowed is None and min(found) < 0:
+            _problem(errs, f"label values must be non-negative integers {LABEL_VALUES_HINT}", found, lp)
+        elif allowed is not None and set(found) - set(allowed):
+            _problem(errs, f"label values must be in {sorted(allowed)} {LABEL_VALUES_HINT}", found, lp)
+    return vals, nvox
+
+# %% ../nbs/02_datasets.ipynb #cb0d49ea
 def check_subject(s: Subject,
-                  label_values: tuple | None = None,  # allowed label values (default: the subject's dataset convention)
+                  label_values: tuple | None = None,  # allowed label values (default: the subject's own, else its dataset convention)
                   errors: list | None = None,
                   ) -> dict:
     "Read and check one subject's files; returns a summary row and appends (or raises) each problem."
@@ -419,21 +532,11 @@ def check_subject(s: Subject,
                            nonzero_fraction=round(float(fg.size / v.size), 3), min=float(v.min()),
                            p99=float(np.percentile(fg, 99)) if fg.size else 0.0)
             elif ref is not None and s.meta.get("coregistered", True): _grid(ref, ref_path, img, p, f"image ({mod})", errs)
-        allowed = label_values if label_values is not None else s.meta.get("label_values",
-                  LABELS.get(s.meta.get("labels_convention", "binary"), LABELS["binary"])["values"])
-        labels = s.meta.get("labels") or ([s.label] if s.label is not None else [])
-        vals: set = set(); nvox = 0
-        for lp in labels:
-            try: lv, limg = load_volume(lp, canonical=False), load_image(lp)
-            except UADInputError as e: errs.append(e); continue
-            lv = lv[0]
-            if ref is not None and not _grid(ref, ref_path, limg, lp, "label", errs): continue
-            u = np.unique(lv)
-            if not np.all(u == np.round(u)): _problem(errs, "label values must be integers", [float(x) for x in u[u != np.round(u)][:5]], lp); continue
-            vals |= {int(x) for x in u}; nvox += int((lv > 0).sum())
-            bad = sorted({int(x) for x in u} - set(allowed))
-            if bad: _problem(errs, f"label values must be in {sorted(allowed)}", bad, lp)
-        if labels: row.update(label_values=sorted(vals), label_voxels=nvox)
+        if s.meta.get("labels") or s.label is not None:
+            allowed = allowed_label_values(s, label_values)
+            vals, nvox = _check_labels(s, ref, ref_path, allowed, errs)
+            row.update(label_values=sorted(vals), label_voxels=nvox,
+                       label_allowed="any non-negative integer" if allowed is None else str(sorted(allowed)))
         if s.mask is not None:
             try:
                 mv, _ = load_volume(s.mask, canonical=False); mimg = load_image(s.mask)
@@ -444,6 +547,7 @@ def check_subject(s: Subject,
     if errors is None and errs: raise errs[0]
     return row
 
+# %% ../nbs/02_datasets.ipynb #e23bde21
 @dataclass
 class DataReport:
     "What `check_dataset` found: one row per subject, and every problem (one line each)."
@@ -467,13 +571,14 @@ class DataReport:
                       f"  orientations: {fmt('orientation')}", f"  dtypes: {fmt('dtype')}"]
             lv = sorted({v for x in t["label_values"] if isinstance(x, list) for v in x})
             nl = int(t["label_values"].apply(lambda x: isinstance(x, list)).sum())
-            lines.append(f"  labels: {nl} subject(s), values {lv}" if nl else "  labels: none")
+            allowed = "; ".join(sorted(set(t["label_allowed"].dropna()))) if "label_allowed" in t else ""
+            lines.append(f"  labels: {nl} subject(s), values {lv} (non-zero = anomalous; allowed: {allowed})" if nl else "  labels: none")
         lines.append(f"problems: {len(self.errors)}" + ("" if self.errors else " (OK)"))
         lines += [f"  - {e}" for e in self.errors]
         return "\n".join(lines)
 
 def check_subjects(subjects: list[Subject],
-                   label_values: tuple | None = None,  # allowed label values (default: each subject's convention)
+                   label_values: tuple | None = None,  # allowed label values (default: each subject's own or its convention)
                    errors: list | None = None,         # collect problems here instead of raising the first
                    ) -> list[dict]:
     "Check every subject (and that ids are unique); problems are appended to `errors` (or the first raises)."
@@ -532,6 +637,7 @@ def find_subjects(root: str | Path,
         kw["annotations"] = csvs[0]
     return dataset, DATASETS[dataset](root, errors=errors, **kw)
 
+# %% ../nbs/02_datasets.ipynb #c9da8509
 def check_dataset(root: str | Path,
                   dataset: str | None = None,        # a key of DATASETS, or None/"auto" to detect it
                   label_values: tuple | None = None, # allowed label values (default: each subject's convention)

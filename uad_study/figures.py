@@ -1,4 +1,4 @@
-"""Figures saved as PNG together with the numbers they plot (CSV for curves, NPZ for image panels), so every figure can be checked and re-plotted.
+"""Figures saved as PNG together with the numbers they plot (CSV for curves, NPZ for image panels), so every figure can be checked and re-plotted; tables rounded like the papers'.
 
 Docs: https://uad-study.github.io/uad_study/figures.html.md"""
 
@@ -6,25 +6,46 @@ Docs: https://uad-study.github.io/uad_study/figures.html.md"""
 
 # %% ../nbs/12_figures.ipynb #a644b56b
 from __future__ import annotations
+import sys
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from .core import atomic_path
+from .core import UADInputError, atomic_path
 
 # %% auto #0
-__all__ = ['PANEL_COLUMNS', 'save_figure', 'plot_panels', 'thin_curve', 'plot_pr_curves']
+__all__ = ['PANEL_COLUMNS', 'MAP_COLUMNS', 'FigurePath', 'new_figure', 'save_figure', 'round_table', 'panels_figure',
+           'plot_panels', 'training_curves_figure', 'plot_training_curves', 'thin_curve', 'plot_pr_curves']
 
 # %% ../nbs/12_figures.ipynb #08ab35e8
-def save_figure(fig, path: str | Path, data: pd.DataFrame | dict | None = None, dpi: int = 120) -> Path:
-    "Save `fig` as PNG at `path` and its data beside it (`.csv` for a DataFrame, `.npz` for a dict of arrays)."
-    path = Path(path).with_suffix(".png")
+class FigurePath(type(Path())):
+    "A `Path` to a saved PNG that Jupyter shows inline when it is a cell's value."
+    def _repr_png_(self) -> bytes | None:
+        return self.read_bytes() if self.suffix == ".png" and self.is_file() else None
+
+def new_figure(nrows: int = 1,            # rows of axes
+               ncols: int = 1,            # columns of axes
+               figsize: tuple = (5, 4),   # inches
+               **kw,                      # passed to `Figure.subplots` (sharex=, sharey=, ...)
+               ) -> tuple[Figure, np.ndarray]:
+    "A `Figure` (constrained layout, no pyplot, no backend) and its `(nrows, ncols)` array of axes."
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
+
+# %% ../nbs/12_figures.ipynb #6dceb45d
+def save_figure(fig: Figure,                          # a Figure (from new_figure or pyplot)
+                path: str | Path,                     # where the PNG goes (the suffix becomes .png)
+                data: pd.DataFrame | dict | None = None,  # what the figure plots: .csv beside it for a DataFrame, .npz for a dict of arrays
+                dpi: int = 120,
+                ) -> FigurePath:
+    "Save `fig` as PNG at `path` and its data beside it; returns the PNG's path."
+    path = FigurePath(Path(path).with_suffix(".png"))
     with atomic_path(path) as tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
+    plt = sys.modules.get("matplotlib.pyplot")  # close a pyplot figure, without importing pyplot ourselves
+    if plt is not None: plt.close(fig)
     if isinstance(data, pd.DataFrame):
         with atomic_path(path.with_suffix(".csv")) as tmp: data.to_csv(tmp, index=False)
     elif isinstance(data, dict):
@@ -32,28 +53,93 @@ def save_figure(fig, path: str | Path, data: pd.DataFrame | dict | None = None, 
             with open(tmp, "wb") as f: np.savez_compressed(f, **{k: np.asarray(v) for k, v in data.items()})
     return path
 
-# %% ../nbs/12_figures.ipynb #6dceb45d
-PANEL_COLUMNS = ("input", "reconstruction", "residual", "post-processed", "ground truth")
+# %% ../nbs/12_figures.ipynb #bbf48c97
+def round_table(df: pd.DataFrame,
+                decimals: int = 4,  # digits after the point (4, as in the papers we compare with)
+                ) -> pd.DataFrame:
+    "A copy of `df` with its float columns rounded to `decimals`, for CSV and print."
+    out = df.copy()
+    cols = out.select_dtypes(include="floating").columns
+    out[cols] = out[cols].round(decimals)
+    return out
 
-def plot_panels(rows: list[dict],           # each: arrays for PANEL_COLUMNS keys, plus "title"
-                path: str | Path,
-                vmax_map: float | None = None,  # colour limit of residual/post-processed maps (default: max over rows)
-                ) -> Path:
-    "Grid of input / reconstruction / residual / post-processed / ground truth, saved with its arrays."
+# %% ../nbs/12_figures.ipynb #3d76cb9d
+PANEL_COLUMNS = ("input", "reconstruction", "residual", "post-processed", "ground truth")
+MAP_COLUMNS = ("residual", "post-processed")  # panels drawn as heat maps with a colour bar
+
+def panels_figure(rows: list[dict],              # each: arrays for PANEL_COLUMNS keys, plus an optional row "title"
+                  title: str = "",               # the figure's title: model, post-processing, threshold protocol
+                  vmax_map: float | None = None, # colour limit of the residual/post-processed maps (default: each column's max)
+                  ) -> tuple[Figure, dict]:
+    "The panel grid as a Figure, and the arrays it shows (`row{i}_{column}`)."
+    if not rows: raise UADInputError("panels need at least one row", 0)
+    missing = [c for c in PANEL_COLUMNS if any(c not in r for r in rows)]
+    if missing: raise UADInputError(f"each panel row needs the keys {list(PANEL_COLUMNS)}; missing", missing)
+    vmax = {c: vmax_map or max(float(np.max(r[c])) for r in rows) or 1.0 for c in MAP_COLUMNS}
     cols = PANEL_COLUMNS
-    vmax = vmax_map or max(float(np.max(r["residual"])) for r in rows) or 1.0
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.1 * len(cols), 2.1 * len(rows)), squeeze=False)
+    fig, axes = new_figure(len(rows), len(cols), (2.3 * len(cols) + 0.8, 2.1 * len(rows) + (0.4 if title else 0)))
     data = {}
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             a = np.asarray(r[c], np.float32); data[f"row{i}_{c.replace(' ', '_').replace('-', '_')}"] = a
             ax = axes[i, j]
-            cmap, lim = ("gray", (0, 1)) if c in ("input", "reconstruction", "ground truth") else ("inferno", (0, vmax))
-            ax.imshow(np.rot90(a), cmap=cmap, vmin=lim[0], vmax=lim[1], interpolation="nearest")
+            if c in MAP_COLUMNS:
+                im = ax.imshow(np.rot90(a), cmap="inferno", vmin=min(0.0, float(a.min())), vmax=vmax[c], interpolation="nearest")
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            else: ax.imshow(np.rot90(a), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([]); ax.set_yticks([])
             if i == 0: ax.set_title(c, fontsize=9)
         axes[i, 0].set_ylabel(r.get("title", ""), fontsize=8)
-    fig.tight_layout()
+    if title: fig.suptitle(title, fontsize=9)
+    return fig, data
+
+def plot_panels(rows: list[dict],              # each: arrays for PANEL_COLUMNS keys, plus an optional row "title"
+                path: str | Path,
+                vmax_map: float | None = None, # colour limit of the residual/post-processed maps (default: each column's max)
+                title: str = "",               # model, post-processing and threshold protocol
+                ) -> FigurePath:
+    "Grid of input / reconstruction / residual / post-processed / ground truth, saved with its arrays (.npz)."
+    fig, data = panels_figure(rows, title, vmax_map)
+    return save_figure(fig, path, data)
+
+# %% ../nbs/12_figures.ipynb #06a1d3bf
+def _is_kl(part: str) -> bool: return "kl" in part.lower().split("_")
+
+def training_curves_figure(histories: dict,  # model name -> per-epoch dicts (train_model's history) or a DataFrame of them
+                           title: str = "",  # model family, data, profile
+                           ) -> tuple[Figure, pd.DataFrame]:
+    "Per-epoch loss parts of each model as a Figure, and the long table of the plotted points."
+    if not histories: raise UADInputError("training curves need at least one model's history", 0)
+    rows = []
+    for name, h in histories.items():
+        df = h if isinstance(h, pd.DataFrame) else pd.DataFrame(list(h))
+        if not len(df): raise UADInputError(f"history of model {name!r} has no epoch", 0)
+        ep = df["epoch"] if "epoch" in df else pd.Series(range(1, len(df) + 1))
+        for part in [c for c in df.columns if str(c).startswith(("train_", "val_"))]:
+            for e, v in zip(ep, pd.to_numeric(df[part], errors="coerce")):
+                if np.isfinite(v): rows.append((name, int(e), part, float(v)))
+    data = pd.DataFrame(rows, columns=["model", "epoch", "part", "value"])
+    kinds = [False, True] if data["part"].map(_is_kl).any() else [False]
+    fig, axes = new_figure(len(histories), len(kinds), (5.0 * len(kinds), 2.4 * len(histories) + (0.4 if title else 0)))
+    for i, name in enumerate(histories):
+        for j, kl in enumerate(kinds):
+            ax, d = axes[i, j], data[(data["model"] == name) & (data["part"].map(_is_kl) == kl)]
+            for part, g in d.groupby("part", sort=False):
+                ax.plot(g["epoch"], g["value"], marker="o", ms=2.5, lw=1.2, ls="--" if part.startswith("val_") else "-", label=part)
+            if len(d) and (d["value"] > 0).all(): ax.set_yscale("log")
+            if len(d): ax.legend(fontsize=7)
+            else: ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, fontsize=8); ax.set_yticks([])
+            ax.set_title(f"{name}: {'KL' if kl else 'loss parts'}", fontsize=8); ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True)); ax.tick_params(which="both", labelsize=7); ax.grid(alpha=0.3)
+    if title: fig.suptitle(title, fontsize=9)
+    return fig, data
+
+def plot_training_curves(histories: dict,  # model name -> per-epoch dicts (train_model's history) or a DataFrame of them
+                         path: str | Path,
+                         title: str = "",  # model family, data, profile
+                         ) -> FigurePath:
+    "Every logged loss part per epoch for each model (KL on its own axes), saved as PNG + CSV of the plotted points."
+    fig, data = training_curves_figure(histories, title)
     return save_figure(fig, path, data)
 
 # %% ../nbs/12_figures.ipynb #5de5c3a0
@@ -67,13 +153,13 @@ def thin_curve(x: np.ndarray, y: np.ndarray, max_points: int = 2000) -> tuple[np
 def plot_pr_curves(curves: dict,           # name -> dict(precision=, recall=, auprc=)
                    prevalence: float,      # positive fraction: the no-skill level
                    path: str | Path,
-                   title: str = "",
-                   ) -> Path:
+                   title: str = "",        # data, profile, evaluation space
+                   ) -> FigurePath:
     "Precision-recall curves of several maps in one plot, saved with a CSV of the plotted points."
-    fig, ax = plt.subplots(figsize=(5, 4.2)); rows = []
+    fig, axes = new_figure(figsize=(5, 4.2)); ax = axes[0, 0]; rows = []
     for name, c in curves.items():
         r, p = thin_curve(np.asarray(c["recall"]), np.asarray(c["precision"]))
-        ax.plot(r, p, lw=1.5, label=f"{name} (AUPRC {c['auprc']:.3f})")
+        ax.plot(r, p, lw=1.5, label=f"{name} (AUPRC {c['auprc']:.4f})")
         rows.append(pd.DataFrame({"curve": name, "recall": r, "precision": p, "auprc": c["auprc"]}))
     ax.axhline(prevalence, color="gray", ls="--", lw=1, label=f"prevalence {prevalence:.4f}")
     ax.set_xlabel("recall"); ax.set_ylabel("precision"); ax.set_xlim(0, 1); ax.set_ylim(0, 1.02)

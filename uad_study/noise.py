@@ -7,6 +7,7 @@ Docs: https://uad-study.github.io/uad_study/noise.html.md"""
 # %% ../nbs/05_noise.ipynb #f586620e
 from __future__ import annotations
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['coarse_noise', 'add_coarse_noise', 'simplex_noise', 'linear_betas', 'alpha_bar', 'forward_diffuse']
+__all__ = ['coarse_noise', 'add_coarse_noise', 'simplex_noise', 'linear_betas', 'alpha_bar', 'forward_diffuse', 'NoiseConfig',
+           'add_noise']
 
 # %% ../nbs/05_noise.ipynb #183a999a
 def _as_nchw(x: torch.Tensor, name: str = "x") -> torch.Tensor:
@@ -126,3 +128,26 @@ def forward_diffuse(x: torch.Tensor,               # clean images
     if noise.shape != x.shape: raise UADInputError("`noise` must have the shape of `x`", tuple(noise.shape))
     ab = alpha_bar(t, betas)
     return math.sqrt(ab) * x + math.sqrt(1.0 - ab) * noise
+
+# %% ../nbs/05_noise.ipynb #45d001ce
+@dataclass(frozen=True)
+class NoiseConfig:
+    "The noise that turns a healthy slice into a pseudo-anomalous one."
+    kind: str = "coarse"           # "coarse" (Kascenas et al.) or "simplex" (AnoDDPM)
+    coarse_res: int = 16           # coarse: noise grid edge
+    coarse_sd: float = 0.2         # coarse: Gaussian sd
+    simplex_frequency: float = 2 ** -6
+    simplex_octaves: int = 6
+    simplex_persistence: float = 0.8
+    simplex_lacunarity: float = 2.0
+    simplex_t: int = 87            # simplex: forward-diffusion steps
+
+def add_noise(x: torch.Tensor, cfg: NoiseConfig = NoiseConfig()) -> torch.Tensor:
+    "Noised copy of a (B, 1, H, W) batch of healthy slices; noise only inside the foreground `x > 0`."
+    mask = x > 0
+    if cfg.kind == "coarse": return x + coarse_noise(x, cfg.coarse_res, cfg.coarse_sd, mask)
+    if cfg.kind == "simplex":
+        eps = simplex_noise(len(x), x.shape[-2], x.shape[-1], cfg.simplex_frequency, cfg.simplex_octaves,
+                            cfg.simplex_persistence, cfg.simplex_lacunarity, device=x.device).to(x.dtype)
+        return torch.where(mask, forward_diffuse(x, eps, cfg.simplex_t), x)
+    raise UADInputError("noise kind must be 'coarse' or 'simplex'", cfg.kind)

@@ -24,9 +24,9 @@ from .datasets import label_volume
 
 # %% auto #0
 __all__ = ['RECIPES', 'SliceRecipe', 'normalise', 'resize_slices', 'unresize_slices', 'curvature_flow', 'pad_or_crop',
-           'volume_steps', 'select_slices', 'preprocess_subject', 'SliceSet', 'build_slices', 'split_ids', 'get_recipe',
-           'recipe_from_config', 'affine_flip', 'RandomAffineFlip', 'split_counts', 'write_split', 'read_split',
-           'splits_dir', 'split_from_definition', 'qc_montage', 'qc_montages']
+           'volume_steps', 'select_slices', 'preprocess_subject', 'SliceSet', 'build_slices', 'split_counts',
+           'split_ids', 'get_recipe', 'recipe_from_config', 'affine_flip', 'RandomAffineFlip', 'write_split',
+           'read_split', 'splits_dir', 'split_from_definition', 'qc_montage', 'qc_montages']
 
 # %% ../nbs/04_preprocess.ipynb #2f5589fc
 @dataclass(frozen=True)
@@ -295,16 +295,32 @@ def build_slices(subjects: list[Subject],
     return SliceSet(folder)
 
 # %% ../nbs/04_preprocess.ipynb #2fe4ae4e
-def split_ids(ids: list[str], fractions: dict[str, float], seed: int = 0) -> dict[str, list[str]]:
-    "Deterministic subject-level split (never slice-level): `fractions` like {'train': 0.8, 'val': 0.2}."
-    if abs(sum(fractions.values()) - 1) > 1e-6: raise UADInputError("split fractions must sum to 1", fractions)
+def split_counts(n: int, sizes: dict) -> dict[str, int]:
+    "Counts per split from counts (int or None = the rest) or fractions (summing to 1)."
+    vals = list(sizes.values())
+    if all(isinstance(v, float) for v in vals):
+        if abs(sum(vals) - 1) > 1e-6: raise UADInputError("split fractions must sum to 1", sizes)
+        out, names = {}, list(sizes)
+        for k in names[:-1]: out[k] = int(round(sizes[k] * n))
+        out[names[-1]] = n - sum(out.values())
+        return out
+    fixed = sum(v for v in vals if v is not None)
+    if fixed > n: raise UADInputError(f"split sizes need {fixed} subjects, only {n} given", sizes)
+    rest = [k for k, v in sizes.items() if v is None]
+    if len(rest) > 1: raise UADInputError("at most one split may take the rest (None)", sizes)
+    return {k: (n - fixed if v is None else int(v)) for k, v in sizes.items()}
+
+def split_ids(ids: list[str],
+              sizes: dict,    # split name -> fraction (all floats summing to 1) or count (int; one None takes the rest)
+              seed: int = 0,
+              ) -> dict[str, list[str]]:
+    "The one subject-level split (never slice-level): sort the ids, permute them with `seed`, cut them into `sizes` in order."
     ids = sorted(ids)  # the split depends on the ids and the seed, not on the order a finder listed them in
-    rng = np.random.default_rng(seed)
-    order = [ids[i] for i in rng.permutation(len(ids))]
-    out, start, names = {}, 0, list(fractions)
-    for k, name in enumerate(names):
-        n = len(order) - start if k == len(names) - 1 else int(round(fractions[name] * len(order)))
-        out[name] = sorted(order[start:start + n]); start += n
+    if len(set(ids)) != len(ids): raise UADInputError("subject ids must be unique", sorted({i for i in ids if ids.count(i) > 1}))
+    cnt = split_counts(len(ids), sizes)
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    out, start = {}, 0
+    for k, n in cnt.items(): out[k] = sorted(order[start:start + n]); start += n
     return out
 
 # %% ../nbs/04_preprocess.ipynb #270a9b35
@@ -370,29 +386,9 @@ class RandomAffineFlip:
         return affine_flip(x, p), p
 
 # %% ../nbs/04_preprocess.ipynb #572280d5
-def split_counts(n: int, sizes: dict) -> dict[str, int]:
-    "Counts per split from counts (int or None = the rest) or fractions (summing to 1)."
-    vals = list(sizes.values())
-    if all(isinstance(v, float) for v in vals):
-        if abs(sum(vals) - 1) > 1e-6: raise UADInputError("split fractions must sum to 1", sizes)
-        out, names = {}, list(sizes)
-        for k in names[:-1]: out[k] = int(round(sizes[k] * n))
-        out[names[-1]] = n - sum(out.values())
-        return out
-    fixed = sum(v for v in vals if v is not None)
-    if fixed > n: raise UADInputError(f"split sizes need {fixed} subjects, only {n} given", sizes)
-    rest = [k for k, v in sizes.items() if v is None]
-    if len(rest) > 1: raise UADInputError("at most one split may take the rest (None)", sizes)
-    return {k: (n - fixed if v is None else int(v)) for k, v in sizes.items()}
-
 def write_split(ids: list[str], sizes: dict, seed: int, path: str | Path) -> dict[str, list[str]]:
     "Shuffle sorted `ids` with `seed`, cut them into `sizes`, and write `path` as CSV (id,split)."
-    ids = sorted(ids)
-    if len(set(ids)) != len(ids): raise UADInputError("subject ids must be unique", sorted({i for i in ids if ids.count(i) > 1}), path)
-    cnt = split_counts(len(ids), sizes)
-    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-    out, start = {}, 0
-    for k, n in cnt.items(): out[k] = sorted(order[start:start + n]); start += n
+    out = split_ids(ids, sizes, seed)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         f.write(f"# seed={seed} sizes={json.dumps(sizes)} rule=sorted ids, numpy default_rng(seed).permutation, cut in order\n")
         w = csv.writer(f); w.writerow(["id", "split"])

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from skimage import exposure
 
+from . import losses
 from .core import UADInputError, get_device
 from .inference import residual
 
@@ -40,41 +41,17 @@ def _pair(x, x_hat) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 # %% ../nbs/09_scores.ipynb #d1dca5b9
-def _gauss1d(sigma: float, truncate: float = 3.5) -> np.ndarray:
-    r = int(truncate * sigma + 0.5)
-    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    return g / g.sum()
-
-def _gauss_filter(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    "Separable Gaussian filter of (N, 1, H, W) with symmetric ('reflect' in scipy) borders."
-    r = (len(g) - 1) // 2
-    H, W = t.shape[-2:]
-    iy = torch.from_numpy(np.pad(np.arange(H), r, mode="symmetric")).to(t.device)
-    ix = torch.from_numpy(np.pad(np.arange(W), r, mode="symmetric")).to(t.device)
-    t = t.index_select(2, iy).index_select(3, ix)
-    t = F.conv2d(t, g.view(1, 1, -1, 1))
-    return F.conv2d(t, g.view(1, 1, 1, -1))
-
 def ssim_index_map(x, x_hat,
              sigma: float = 1.5,        # Gaussian window sd, pixels (window radius = int(3.5*sigma+0.5))
              data_range: float = 1.0,   # intensity range of the images
              k1: float = 0.01, k2: float = 0.03,  # SSIM stabilising constants
              device: str = "cpu",
              ) -> np.ndarray:
-    "Per-pixel SSIM index of a batch (N, H, W), float32, in [-1, 1] (1 = identical)."
+    "Per-pixel SSIM index of a batch (N, H, W), float32, in [-1, 1] (1 = identical); `losses.ssim_map`, symmetric border."
     a, b = _pair(x, x_hat)
-    r = int(3.5 * sigma + 0.5)
-    if min(a.shape[1:]) <= r: raise UADInputError(f"slices must be larger than the SSIM window radius {r}", a.shape)
     dev = get_device(device)
-    g = torch.from_numpy(_gauss1d(sigma)).to(dev, torch.float64)
     X = torch.from_numpy(a).to(dev, torch.float64)[:, None]; Y = torch.from_numpy(b).to(dev, torch.float64)[:, None]
-    ux, uy = _gauss_filter(X, g), _gauss_filter(Y, g)
-    vx = _gauss_filter(X * X, g) - ux * ux
-    vy = _gauss_filter(Y * Y, g) - uy * uy
-    vxy = _gauss_filter(X * Y, g) - ux * uy
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s[:, 0].float().cpu().numpy()
+    return losses.ssim_map(X, Y, sigma, data_range, k1, k2, border="symmetric")[:, 0].float().cpu().numpy()
 
 def ssim_map(x, x_hat, sigma: float = 1.5, data_range: float = 1.0, k1: float = 0.01, k2: float = 0.03,
              device: str = "cpu") -> np.ndarray:
@@ -176,8 +153,7 @@ def lpips_map(x, x_hat,
 # %% ../nbs/09_scores.ipynb #637de29b
 def _smooth(m: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0: return m
-    g = torch.from_numpy(_gauss1d(sigma, 4.0)).double()
-    return _gauss_filter(torch.from_numpy(m).double()[:, None], g)[:, 0].float().numpy()
+    return losses.gaussian_blur(torch.from_numpy(m).double()[:, None], sigma, truncate=4.0)[:, 0].float().numpy()
 
 def residual_lpips_map(x, x_hat, net: torch.nn.Module, kind: str = "absolute", smooth_sigma: float = 0.0,
                        batch_size: int = 32, device: str = "cpu") -> np.ndarray:
@@ -277,10 +253,9 @@ def reconstruction_error(x, x_hat, masks=None, kind: str = "squared") -> np.ndar
     return slice_scores(residual(*_pair(x, x_hat), kind), masks, "mean")
 
 def latent_kl(mu, logvar) -> np.ndarray:
-    "Per-slice KL(N(mu, exp(logvar)) || N(0, I)) (N,), summed over latent units."
-    mu, lv = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
-    if mu.shape != lv.shape or mu.ndim < 2: raise UADInputError("mu and logvar must have the same shape (N, ...)", (mu.shape, lv.shape))
-    return (-0.5 * (1 + lv - mu ** 2 - np.exp(lv))).reshape(len(mu), -1).sum(1)
+    "Per-slice KL(N(mu, exp(logvar)) || N(0, I)) (N,) float64, summed over latent units (`losses.kl_divergence`)."
+    mu, lv = torch.from_numpy(np.array(mu, np.float64)), torch.from_numpy(np.array(logvar, np.float64))
+    return losses.kl_divergence(mu, lv, reduction="none").numpy()
 
 # %% ../nbs/09_scores.ipynb #7bc139bd
 def subject_scores(scores,              # per-slice scores (N,)

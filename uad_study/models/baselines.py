@@ -11,14 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import UADInputError
+from ..losses import kl_divergence, recon_loss
+from .base import down_block, up_block
+from ..objective import Objective
 
 # %% auto #0
-__all__ = ['MODELS', 'DenseAE', 'DenseVAE', 'recon_loss', 'kl_divergence', 'model_loss', 'build_model']
+__all__ = ['MODELS', 'DenseAE', 'DenseVAE', 'model_loss', 'BaselineObjective', 'build_model']
 
 # %% ../../nbs/06_models.ipynb #7166c386
-def _down(ci, co): return nn.Sequential(nn.Conv2d(ci, co, 4, 2, 1, bias=False), nn.BatchNorm2d(co), nn.LeakyReLU(0.2))
-def _up(ci, co): return nn.Sequential(nn.ConvTranspose2d(ci, co, 4, 2, 1, bias=False), nn.BatchNorm2d(co), nn.LeakyReLU(0.2))
-
 class DenseAE(nn.Module):
     "Dense autoencoder: conv encoder -> `latent_dim` dense code -> conv decoder, sigmoid output in [0, 1]."
     variational = False
@@ -33,12 +33,12 @@ class DenseAE(nn.Module):
         if in_size % f: raise UADInputError(f"in_size must be divisible by 2**len(channels) = {f}", in_size)
         self.in_size, self.channels, self.latent_dim, self.s = in_size, tuple(channels), latent_dim, in_size // f
         chs = (in_channels, *channels)
-        self.encoder = nn.Sequential(*[_down(chs[i], chs[i + 1]) for i in range(len(channels))])
+        self.encoder = nn.Sequential(*[down_block(chs[i], chs[i + 1], "batch") for i in range(len(channels))])
         flat = channels[-1] * self.s * self.s
         self.to_latent = nn.Linear(flat, latent_dim * (2 if self.variational else 1))
         self.from_latent = nn.Linear(latent_dim, flat)
         rev = channels[::-1]
-        self.decoder = nn.Sequential(*[_up(rev[i], rev[i + 1]) for i in range(len(rev) - 1)],
+        self.decoder = nn.Sequential(*[up_block(rev[i], rev[i + 1], "batch", "transposed") for i in range(len(rev) - 1)],
                                      nn.ConvTranspose2d(rev[-1], 16, 4, 2, 1), nn.LeakyReLU(0.2),
                                      nn.Conv2d(16, in_channels, 3, 1, 1))
 
@@ -70,22 +70,27 @@ class DenseVAE(DenseAE):
         return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
 
 # %% ../../nbs/06_models.ipynb #7f5d1232
-def recon_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l2") -> torch.Tensor:
-    "Mean per-pixel reconstruction loss: 'l1' or 'l2'."
-    if kind == "l1": return (x - x_hat).abs().mean()
-    if kind == "l2": return ((x - x_hat) ** 2).mean()
-    raise UADInputError("recon loss must be 'l1' or 'l2'", kind)
-
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    "KL(N(mu, exp(logvar)) || N(0, 1)) summed over latent units, averaged over the batch."
-    return (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).mean()
-
 def model_loss(model: nn.Module, x: torch.Tensor, out: dict, recon: str = "l2", kl_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     "Total training loss of a baseline model and its parts (for logging)."
     rl = recon_loss(x, out["recon"], recon)
     if not getattr(model, "variational", False): return rl, {"recon": rl.item()}
     kl = kl_divergence(out["mu"], out["logvar"]) / x[0].numel()
     return rl + kl_weight * kl, {"recon": rl.item(), "kl": kl.item()}
+
+# %% ../../nbs/06_models.ipynb #da2ba92d
+class BaselineObjective(Objective):
+    "The baselines' objective: per-pixel reconstruction loss, plus `kl_weight` x the KL term for a VAE (`model_loss`)."
+    def __init__(self,
+                 recon: str = "l2",         # reconstruction loss: "l1" or "l2"
+                 kl_weight: float = 1.0,    # VAE only: weight of the KL term
+                 ):
+        if recon not in ("l1", "l2"): raise UADInputError("recon loss must be 'l1' or 'l2'", recon)
+        self.recon, self.kl_weight = recon, kl_weight
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        "`model_loss` of the batch's images (`model` may be the DistributedDataParallel wrapper)."
+        x = batch["image"]
+        return model_loss(getattr(model, "module", model), x, model(x), self.recon, self.kl_weight)
 
 # %% ../../nbs/06_models.ipynb #5b78ca90
 MODELS = {"ae": DenseAE, "vae": DenseVAE}

@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import UADInputError
-from .trivae import ConvBlock, NoiseConfig, add_noise
+from .base import ConvBlock
+from ..noise import NoiseConfig, add_noise
+from ..objective import Objective
 
 # %% auto #0
 __all__ = ['UNetConfig', 'UNet', 'DenoisingObjective']
@@ -29,6 +31,7 @@ class UNetConfig:
 class UNet(nn.Module):
     "U-Net with group norm: the denoising autoencoder of Kascenas et al. (2022)."
     variational = False
+    recon_range = None    # linear output (no sigmoid): not bounded to [0, 1] (the UADModel protocol)
     def __init__(self, cfg: UNetConfig = UNetConfig(), in_channels: int = 1):
         super().__init__()
         if cfg.depth < 2: raise UADInputError("U-Net `depth` must be >= 2", cfg.depth)
@@ -62,9 +65,11 @@ class UNet(nn.Module):
         return self.forward(x)["recon"]
 
 # %% ../../nbs/06b_dae.ipynb #3f71627f
-class DenoisingObjective:
-    "`objective(model, x) -> (loss, parts)`: L2 between the model's output on a noised batch and the clean batch."
+class DenoisingObjective(Objective):
+    "L2 between the model's output on a noised `batch['image']` and the clean images; one Adam, the default step."
     def __init__(self, noise: NoiseConfig = NoiseConfig()): self.noise = noise
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        "The denoising loss and its part `l2`."
+        x = batch["image"]
         loss = F.mse_loss(model(add_noise(x, self.noise))["recon"], x)
         return loss, {"l2": loss.detach()}

@@ -6,7 +6,6 @@ Docs: https://uad-study.github.io/uad_study/trivae.html.md"""
 
 # %% ../../nbs/06a_trivae.ipynb #6cc8d6e5
 from __future__ import annotations
-import math
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -15,25 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import UADInputError
-from ..noise import coarse_noise, forward_diffuse, simplex_noise
+from ..losses import kl_divergence, l1, ssim
+from .base import ConvBlock, down_block, up_block
+from ..noise import NoiseConfig, add_noise
+from ..objective import Objective
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'ConvBlock', 'GatedCrossSkip', 'TriVAEConfig', 'check_trivae_config', 'ablation_config', 'TriVAE', 'l1',
-           'kld', 'triplet_loss', 'ssim', 'NoiseConfig', 'add_noise', 'TriVAELossConfig', 'TriVAEObjective',
-           'capture_features', 'latent_codes']
-
-# %% ../../nbs/06a_trivae.ipynb #3ceba620
-def _norm(c: int) -> nn.GroupNorm: return nn.GroupNorm(math.gcd(8, c), c)
-
-class ConvBlock(nn.Sequential):
-    "Two 3x3 convolutions, each followed by group norm and leaky ReLU."
-    def __init__(self, ci: int, co: int):
-        super().__init__(nn.Conv2d(ci, co, 3, 1, 1, bias=False), _norm(co), nn.LeakyReLU(0.2),
-                         nn.Conv2d(co, co, 3, 1, 1, bias=False), _norm(co), nn.LeakyReLU(0.2))
-
-def _down(ci, co): return nn.Sequential(nn.Conv2d(ci, co, 4, 2, 1, bias=False), _norm(co), nn.LeakyReLU(0.2))
-def _up(ci, co): return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                      nn.Conv2d(ci, co, 3, 1, 1, bias=False), _norm(co), nn.LeakyReLU(0.2))
+__all__ = ['ABLATIONS', 'GatedCrossSkip', 'TriVAEConfig', 'check_trivae_config', 'ablation_config', 'TriVAE', 'triplet_loss',
+           'TriVAELossConfig', 'TriVAEObjective', 'capture_features', 'latent_codes']
 
 # %% ../../nbs/06a_trivae.ipynb #42f99ed3
 class GatedCrossSkip(nn.Module):
@@ -109,13 +97,13 @@ class TriVAE(nn.Module):
         c = cfg.channels; self.s = cfg.in_size // 32
         chs = (in_channels, *c)
         self.enc = nn.ModuleList([ConvBlock(chs[i], chs[i + 1]) for i in range(5)])
-        self.down = nn.ModuleList([_down(c[i], c[i]) for i in range(5)])
+        self.down = nn.ModuleList([down_block(c[i], c[i]) for i in range(5)])
         flat = c[4] * self.s * self.s
         self.embed = nn.Sequential(nn.Linear(flat, cfg.embed_dim), nn.LeakyReLU(0.2))
         self.mu, self.logvar = nn.Linear(cfg.embed_dim, cfg.latent_dim), nn.Linear(cfg.embed_dim, cfg.latent_dim)
         self.from_latent = nn.Linear(cfg.latent_dim + (cfg.embed_dim if cfg.triplet else 0), flat)
         # decoder level l (resolution in/2**l): upsample from level l+1, merge a skip (l <= 2), conv block
-        self.up = nn.ModuleList([_up(c[l + 1] if l < 4 else c[4], c[l]) for l in range(5)])
+        self.up = nn.ModuleList([up_block(c[l + 1] if l < 4 else c[4], c[l]) for l in range(5)])
         skip = lambda l: cfg.skips and l <= 2
         self.gcs = nn.ModuleDict({str(l): GatedCrossSkip(c[l], cfg.reduction) for l in range(3) if cfg.gcs})
         self.dec = nn.ModuleList([ConvBlock(c[l] * (2 if skip(l) else 1), c[l]) for l in range(5)])
@@ -161,58 +149,10 @@ class TriVAE(nn.Module):
         o = self.forward(x); return torch.cat([o["mu"], o["logvar"]], 1)
 
 # %% ../../nbs/06a_trivae.ipynb #469ab13d
-def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "Eq. 1: mean absolute difference over pixels (and samples)."
-    return (x - y).abs().mean()
-
-def kld(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    "Eq. 3: KL(N(mu, sigma^2) || N(0, I)) summed over latent units, averaged over samples."
-    return (0.5 * (mu ** 2 + logvar.exp() - logvar - 1)).sum(1).mean()
-
 def triplet_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     "Eqs. 5-6: max(d(a, p) - d(a, n) + margin, 0) with squared L2 distance, averaged over triplets."
     d = lambda u, v: ((u - v) ** 2).sum(1)
     return F.relu(d(a, p) - d(a, n) + margin).mean()
-
-def _gauss_window(sigma: float, device, dtype) -> torch.Tensor:
-    r = int(3.5 * sigma + 0.5); t = torch.arange(-r, r + 1, device=device, dtype=dtype)
-    g = torch.exp(-t ** 2 / (2 * sigma ** 2)); return g / g.sum()
-
-def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, data_range: float = 1.0,
-         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    "Eq. 7: mean SSIM of (B, 1, H, W) images over the valid (unpadded) region; differentiable."
-    g = _gauss_window(sigma, x.device, x.dtype); r = len(g) // 2
-    if min(x.shape[-2:]) <= 2 * r: raise UADInputError(f"images must be larger than the SSIM window ({2 * r + 1})", tuple(x.shape))
-    def blur(u):
-        u = F.conv2d(u, g.view(1, 1, -1, 1)); return F.conv2d(u, g.view(1, 1, 1, -1))
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.mean()
-
-# %% ../../nbs/06a_trivae.ipynb #f4c4e592
-@dataclass(frozen=True)
-class NoiseConfig:
-    "The noise that turns a healthy slice into a pseudo-anomalous one."
-    kind: str = "coarse"           # "coarse" (Kascenas et al.) or "simplex" (AnoDDPM)
-    coarse_res: int = 16           # coarse: noise grid edge
-    coarse_sd: float = 0.2         # coarse: Gaussian sd
-    simplex_frequency: float = 2 ** -6
-    simplex_octaves: int = 6
-    simplex_persistence: float = 0.8
-    simplex_lacunarity: float = 2.0
-    simplex_t: int = 87            # simplex: forward-diffusion steps
-
-def add_noise(x: torch.Tensor, cfg: NoiseConfig = NoiseConfig()) -> torch.Tensor:
-    "Noised copy of a (B, 1, H, W) batch of healthy slices; noise only inside the foreground `x > 0`."
-    mask = x > 0
-    if cfg.kind == "coarse": return x + coarse_noise(x, cfg.coarse_res, cfg.coarse_sd, mask)
-    if cfg.kind == "simplex":
-        eps = simplex_noise(len(x), x.shape[-2], x.shape[-1], cfg.simplex_frequency, cfg.simplex_octaves,
-                            cfg.simplex_persistence, cfg.simplex_lacunarity, device=x.device).to(x.dtype)
-        return torch.where(mask, forward_diffuse(x, eps, cfg.simplex_t), x)
-    raise UADInputError("noise kind must be 'coarse' or 'simplex'", cfg.kind)
 
 # %% ../../nbs/06a_trivae.ipynb #f44ef189
 @dataclass(frozen=True)
@@ -225,15 +165,17 @@ class TriVAELossConfig:
     triplet_weight: float = 1.0
     ssim_weight: float = 1.0
 
-class TriVAEObjective:
-    "The training objective of a `TriVAE` (eq. 8, or the baseline VAE's L1 + KL): `objective(model, x) -> (loss, parts)`."
+class TriVAEObjective(Objective):
+    "The training objective of a `TriVAE` (eq. 8, or the baseline VAE's L1 + KL) on `batch['image']`; one Adam, the default step."
     def __init__(self, cfg: TriVAELossConfig = TriVAELossConfig()): self.cfg = cfg
 
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        "The loss of eq. 8 (or L1 + KL) and its parts; `model` may be the DDP wrapper."
+        x = batch["image"]
         mcfg: TriVAEConfig = getattr(model, "module", model).cfg     # DDP wraps the model in `.module`
         c = self.cfg
         if not mcfg.triplet:                                          # baseline VAE: clean slices, L1 + KL
-            o = model(x); rec, kl = l1(o["recon"], x), kld(o["mu"], o["logvar"])
+            o = model(x); rec, kl = l1(o["recon"], x), kl_divergence(o["mu"], o["logvar"])
             return c.l1_weight * rec + c.kl_weight * kl, {"l1": rec.detach(), "kl": kl.detach()}
         k = len(x) // 3
         if k < 1: raise UADInputError("a Tri-VAE batch needs at least 3 slices (anchor, positive, negative)", len(x))
@@ -241,7 +183,7 @@ class TriVAEObjective:
         o = model(torch.cat([xa, xp, add_noise(xn, c.noise)]))
         ea, ep, en = o["embedding"].split(k)
         trip = triplet_loss(ea, ep, en, c.margin)
-        kl = kld(o["mu"][:k], o["logvar"][:k]) + kld(o["mu"][k:2 * k], o["logvar"][k:2 * k])      # eq. 4
+        kl = kl_divergence(o["mu"][:k], o["logvar"][:k]) + kl_divergence(o["mu"][k:2 * k], o["logvar"][k:2 * k])   # eq. 4
         rn = o["recon"][2 * k:]
         rec = l1(rn, xn)                                                                       # L1 neg, full size
         parts = {"l1_full_neg": rec.detach(), "kl": kl.detach(), "triplet": trip.detach()}
