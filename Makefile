@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.uad_study-installed
 PYTHON ?= python3
 
-.PHONY: help venv demo smoke test sync nbtest pytest bench qc clean-runs
+.PHONY: help venv demo demo-seeds smoke test sync nbtest pytest bench qc clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -20,8 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)  ## create/update .venv with the package and its pinned dependencies
 
-demo: $(STAMP)  ## run the quickstart study on the embedded phantom (runs/demo)
-	$(BIN)/uad-study demo --out runs/demo --resume
+# Repeatable CPU numbers across x86-64 machines: the same vector kernels (AVX2) in oneDNN, ATen and MKL whatever
+# the processor offers (AVX-512 kernels give different floats); the demo profile also fixes torch to 2 threads.
+REPRO := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2
+
+demo: $(STAMP)  ## run the quickstart study on the embedded phantom (runs/demo; rerunning continues it)
+	$(REPRO) $(BIN)/uad-study demo --out runs/demo --resume
+
+demo-seeds: $(STAMP)  ## the demo with seeds 0, 1, 2 (runs/demo-seed*): the spread behind the README's table
+	for s in 0 1 2; do $(REPRO) $(BIN)/uad-study demo --seed $$s --out runs/demo-seed$$s --resume --no-progress || exit 1; done
+	$(PY) benchmarks/demo_spread.py runs/demo-seed0 runs/demo-seed1 runs/demo-seed2
 
 smoke: $(STAMP)  ## the quickstart at its tiny CI size (runs/smoke; rerunning continues it)
 	$(BIN)/uad-study demo --profile smoke --out runs/smoke --resume

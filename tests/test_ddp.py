@@ -166,3 +166,65 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         for a, b in (("noisy_full", "noisy_resumed"), ("gan_noisy_full", "gan_noisy_resumed")):
             assert r["cases"][a] == r["cases"][b], f"{b}, rank {r['rank']} of {r['world_size']}: resume differs"
         assert r["cases"]["gan_noisy_resumed"]["objective"] == {"d_steps": 4}  # steps 2..5: its state across the resume
+
+
+TRIVAE_CASE = r'''
+import json, sys, warnings
+from pathlib import Path
+import numpy as np, torch
+import uad_study.training as T
+from uad_study.models.trivae import TriVAE, TriVAEConfig, TriVAELossConfig, TriVAEObjective
+from test_trivae import QUIET, TINY, _SpyNet, _role_counts, _subject_slices
+
+DATA, VAL = (16, 6), (5, 7)   # training: 16 subjects x 6 slices, stored subject after subject; validation: 5 x 7
+CFG = dict(epochs=2, batch_size=24, lr=1e-2, seed=3, device="cpu")
+
+def run(out):
+    out = Path(out); rank = T.dist_info().rank
+    data, val, cfg = _subject_slices(*DATA), _subject_slices(*VAL), T.TrainConfig(**CFG)
+    torch.manual_seed(0); net = _SpyNet()    # records the subjects of the triplets this process forms
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        T.train_model(net, data, val, cfg, out / "ckpt_spy", progress=False, objective=TriVAEObjective(TriVAELossConfig(noise=QUIET)))
+    counts, same = _role_counts(net.seen, DATA[0])
+    vcounts, vsame = _role_counts(net.seen, DATA[0], training=False)
+    res = {"spy": {"counts": counts.tolist(), "same": same, "val_same": vsame, "val_slices": int(vcounts.sum()),
+                   "warnings": [str(w.message) for w in rec if "TriVAEObjective" in str(w.message)]}}
+    torch.manual_seed(0); m = TriVAE(TriVAEConfig(**TINY))
+    h = T.train_model(m, data, val, cfg, out / "ckpt_trivae", progress=False, objective=TriVAEObjective())
+    res["trivae"] = {"val_loss": [r["val_loss"] for r in h], "train_kl": [r["train_kl"] for r in h]}
+    return {"rank": rank, "world_size": T.dist_info().world_size, "cases": res}
+
+if __name__ == "__main__":
+    r = run(sys.argv[1])
+    (Path(sys.argv[1]) / f"rank{r['rank']}.json").write_text(json.dumps(r))
+'''
+
+
+@pytest.mark.slow
+def test_two_process_trivae_triplets_and_validation(tmp_path):
+    """Tri-VAE under DDP (issue 11): each process forms triplets of three distinct subjects from its piece of every batch; the
+    validation batches (the objective's `val_batches`, each mixing the subjects) are shared out whole, and the reduced val_loss is
+    the single-process value on the same weights."""
+    script = tmp_path / "trivae_case.py"; script.write_text(TRIVAE_CASE)
+    ddp = tmp_path / "ddp"; ddp.mkdir()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(ddp)], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for r in ranks:
+        spy = r["cases"]["spy"]
+        assert spy["same"] == 0 and spy["val_same"] == 0 and spy["warnings"] == [], spy
+        assert np.asarray(spy["counts"]).sum() > 0.9 * 2 * 96 / 2          # 2 epochs, half of each batch, nearly every slice
+    # validation: 35 slices -> 2 mixed batches (18 + 17 rows: 6 + 5 triplets), one per process, at each of the 2 validations
+    assert sorted(r["cases"]["spy"]["val_slices"] for r in ranks) == [2 * 15, 2 * 18]
+    assert ranks[0]["cases"]["trivae"] == ranks[1]["cases"]["trivae"]
+    spec = importlib.util.spec_from_file_location("trivae_case", script); case = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "tests"))
+    try: spec.loader.exec_module(case)
+    finally: sys.path.remove(str(ROOT / "tests"))
+    m = case.TriVAE(case.TriVAEConfig(**case.TINY))
+    m.load_state_dict(torch.load(ddp / "ckpt_trivae" / "last.pt", weights_only=False)["model"])
+    single = case.T.evaluate_loss(m, case._subject_slices(*case.VAL), case.T.TrainConfig(**case.CFG), "cpu", case.TriVAEObjective())
+    assert ranks[0]["cases"]["trivae"]["val_loss"][-1] == pytest.approx(single, rel=1e-6)

@@ -7,8 +7,8 @@ from scipy import ndimage as ndi
 from skimage.measure import label as sk_label
 
 from uad_study.core import UADInputError
-from uad_study.postprocess import (PRESETS, PostprocessConfig, median_volume, postprocess_steps, postprocess_volume,
-                                   remove_small_components)
+from uad_study.postprocess import (PRESETS, TRIVAE_PAPER_SPACING, PostprocessConfig, median_kernel_voxels, median_volume,
+                                   min_component_voxels, postprocess_steps, postprocess_volume, remove_small_components)
 
 OFF = PostprocessConfig(mask=False, threshold=None, median_size=0, min_component_size=0)
 
@@ -225,3 +225,162 @@ def test_thesis_presets():
     r[22:24, 22:25, 1] = 0.9
     out = postprocess_volume(r, np.ones(r.shape, bool), t)
     assert out[..., 2].max() == 0 and out[11, 11, 1] == np.float32(0.8) and out[22:24, 22:25, 1].max() == 0
+
+
+# --- sizes in millimetres ----------------------------------------------------------------------
+
+def test_existing_presets_unchanged():
+    "Every voxel preset keeps its numbers (the mm fields are off)."
+    t = PRESETS["trivae"]
+    assert (t.mask, t.threshold, t.median_size, t.median_dims, t.min_component_size, t.component_dims, t.connectivity) == \
+        (True, 0.1, 5, 3, 8, 3, "full")
+    for name in ("trivae", "mask_only", "none", "thesis", "thesis_median5"):
+        assert PRESETS[name].median_size_mm is None and PRESETS[name].min_component_mm3 is None, name
+    assert postprocess_steps(t, spacing=(3.6, 3.6, 1.0)) == postprocess_steps(t)    # a spacing changes nothing in voxels
+
+
+def test_trivae_mm_preset_is_the_paper_in_mm():
+    "Paper: BraTS 240x240 at 1 mm resized to 256x256 -> 0.9375 mm pixels; 5 px = 4.6875 mm, 5 slices = 5 mm; 8 voxels = 7.03125 mm^3."
+    assert TRIVAE_PAPER_SPACING == (0.9375, 0.9375, 1.0)
+    c = PRESETS["trivae_mm"]
+    assert (c.median_size, c.median_size_mm, c.min_component_size, c.min_component_mm3) == (None, (4.6875, 4.6875, 5.0), None, 7.03125)
+    assert (c.mask, c.threshold, c.median_dims, c.component_dims, c.connectivity) == (True, 0.1, 3, 3, "full")
+    st = {s["step"]: s for s in postprocess_steps(c, TRIVAE_PAPER_SPACING)}
+    assert st["median"]["kernel"] == [5, 5, 5] and st["remove_small_components"]["min_size"] == 8
+    assert st["remove_small_components"]["voxel_mm3"] == 0.87890625
+
+
+@pytest.mark.parametrize("size_mm,spacing,dims,want", [
+    (5.0, (1, 1, 1), 3, (5, 5, 5)),                 # isotropic 1 mm: mm = voxels
+    (5.0, (0.5, 0.5, 0.5), 3, (11, 11, 11)),        # 10 voxels -> odd 11 (tie up)
+    (4.6875, (0.9375, 0.9375, 1.0), 3, (5, 5, 5)),  # the paper's grid
+    ((4.6875, 4.6875, 5.0), (233 / 64, 233 / 64, 1.0), 3, (1, 1, 5)),   # 64x64 from 233 mm: anisotropic
+    ((4.6875, 4.6875, 5.0), (233 / 128, 233 / 128, 1.0), 3, (3, 3, 5)),
+    (9.0, (1.0, 2.0, 4.0), 3, (9, 5, 3)),           # 9, 4.5, 2.25 voxels -> 9, 5, 3
+    (9.0, (1.0, 2.0, 4.0), 2, (9, 5, 1)),           # per slice: the slice axis gets 1
+    (0.2, (1, 1, 1), 3, (1, 1, 1)),                 # smaller than a voxel: no median
+])
+def test_median_mm_to_voxels(size_mm, spacing, dims, want):
+    assert median_kernel_voxels(size_mm, spacing, dims) == want
+
+
+@pytest.mark.parametrize("mm3,spacing,want", [
+    (8.0, (1, 1, 1), 8), (7.03125, (0.9375, 0.9375, 1.0), 8), (7.5, (1, 1, 1), 8), (8.01, (1, 1, 1), 9),
+    (8.0, (0.5, 1.0, 2.0), 8), (8.0, (1.0, 1.0, 3.0), 3),        # 3 voxels = 9 mm^3 >= 8 kept, 2 = 6 removed
+    (7.03125, (233 / 64, 233 / 64, 1.0), 1),                     # one voxel is 13.3 mm^3: nothing removed
+])
+def test_min_component_mm3_to_voxels(mm3, spacing, want):
+    assert min_component_voxels(mm3, spacing) == want
+
+
+def test_anisotropic_kernel_is_applied():
+    "A mm kernel on an anisotropic grid runs the anisotropic median, equal to scipy's."
+    rng = np.random.default_rng(3)
+    r = np.where(rng.random((14, 13, 12)) < 0.5, rng.random((14, 13, 12)), 0).astype(np.float32)
+    cfg = only(median_size=None, median_size_mm=(3.0, 3.0, 5.0))
+    sp = (1.0, 3.0, 1.0)                                          # kernel (3, 1, 5)
+    assert postprocess_steps(cfg, sp)[0]["kernel"] == [3, 1, 5]
+    np.testing.assert_array_equal(postprocess_volume(r, None, cfg, spacing=sp), ndi.median_filter(r, size=(3, 1, 5), mode="reflect"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mm_preset_equals_voxel_preset_at_1mm(seed):
+    "At 1 mm isotropic, trivae_mm (5 mm, 7.03 mm^3) gives exactly trivae (5 voxels, 8 voxels)."
+    rng = np.random.default_rng(seed)
+    r = np.zeros((24, 22, 20), np.float32)
+    for _ in range(6):                                           # blobs of several sizes, some below 8 voxels
+        c = rng.integers(2, 18, 3); e = rng.integers(1, 7, 3)
+        r[c[0]:c[0] + e[0], c[1]:c[1] + e[1], c[2]:c[2] + e[2]] = rng.uniform(0.05, 1.0)
+    r[10:16, 4:10, 8:14] = 0.7                                   # one lesion whose core survives the 5^3 median
+    r += (rng.random(r.shape) < 0.02) * rng.random(r.shape).astype(np.float32)
+    brain = np.ones(r.shape, bool); brain[:2] = False
+    a = postprocess_volume(r, brain, PRESETS["trivae"])
+    b = postprocess_volume(r, brain, PRESETS["trivae_mm"], spacing=(1.0, 1.0, 1.0))
+    assert a.any() and np.array_equal(a, b)
+    c = postprocess_volume(r, brain, PRESETS["trivae_mm"], spacing=TRIVAE_PAPER_SPACING)  # the paper's grid: also 5^3 and 8
+    assert np.array_equal(a, c)
+
+
+def test_component_step_in_mm_equals_voxels():
+    "Components of 7 voxels go and of 8 stay, in voxels (< 8) and in mm^3 (< 8 mm^3 at 1 mm; < 7.03 mm^3 at the paper's grid)."
+    r = np.zeros((12, 12, 12), np.float32); r[1, 1, 1:8] = 0.5; r[5, 5, 1:9] = 0.5; r[9, 1:10, 9] = 0.5
+    vox = only(min_component_size=8)
+    mm = only(min_component_size=None, min_component_mm3=8.0)
+    want = r.copy(); want[1, 1, 1:8] = 0
+    np.testing.assert_array_equal(postprocess_volume(r, None, vox), want)
+    np.testing.assert_array_equal(postprocess_volume(r, None, mm, spacing=(1, 1, 1)), want)
+    np.testing.assert_array_equal(postprocess_volume(r, None, only(min_component_size=None, min_component_mm3=7.03125),
+                                                     spacing=TRIVAE_PAPER_SPACING), want)
+    assert postprocess_volume(r, None, mm, spacing=(1, 1, 0.5)).max() == 0     # 0.5 mm^3 voxels: 16 needed, all removed
+
+
+def test_mm_preset_at_64_keeps_small_lesion():
+    "On the 64x64 grid (3.64 mm pixels) the voxel preset erases a 2x2x6 lesion; the mm preset keeps it."
+    r = np.zeros((16, 16, 12), np.float32); r[6:8, 6:8, 3:9] = 0.5
+    brain = np.ones(r.shape, bool)
+    assert postprocess_volume(r, brain, PRESETS["trivae"]).max() == 0
+    out = postprocess_volume(r, brain, PRESETS["trivae_mm"], spacing=(233 / 64, 233 / 64, 1.0))
+    np.testing.assert_array_equal(out, r)
+
+
+def test_mm_steps_record_request_and_voxels():
+    sp = (233 / 64, 233 / 64, 1.0)
+    steps = postprocess_steps(PRESETS["trivae_mm"], sp)
+    assert json.loads(json.dumps(steps)) == steps
+    med, comp = steps[2], steps[3]
+    assert med["size_mm"] == [4.6875, 4.6875, 5.0] and med["spacing_mm"] == list(sp) and med["kernel"] == [1, 1, 5]
+    assert med["dims"] == 3 and med["mode"] == "reflect"
+    assert comp["min_mm3"] == 7.03125 and comp["spacing_mm"] == list(sp) and comp["min_size"] == 1
+    assert comp["voxel_mm3"] == pytest.approx((233 / 64) ** 2)
+    bare = postprocess_steps(PRESETS["trivae_mm"])                 # no spacing: the request, voxels set per volume
+    assert bare[2]["kernel"] is None and bare[2]["spacing_mm"] is None and bare[3]["min_size"] is None
+    iso = postprocess_steps(PostprocessConfig(median_size=None, median_size_mm=3.0), (1, 1, 1))
+    assert iso[2]["size_mm"] == [3.0, 3.0, 3.0] and iso[2]["kernel"] == [3, 3, 3]
+
+
+def test_mm_refused_without_spacing():
+    r, brain = cube((6, 6, 6))
+    for cfg in (PRESETS["trivae_mm"], dataclasses.replace(PRESETS["trivae"], median_size=None, median_size_mm=5.0),
+                dataclasses.replace(PRESETS["trivae"], min_component_size=None, min_component_mm3=8.0)):
+        with pytest.raises(UADInputError, match=r"pass `spacing=\(sx, sy, sz\)`"):
+            postprocess_volume(r, brain, cfg)
+    for bad in [(1.0, 1.0), (1.0, 0.0, 1.0), (1.0, -1.0, 1.0), (1.0, float("nan"), 1.0), "1mm", 1.0]:
+        with pytest.raises(UADInputError, match="three numbers > 0"):
+            postprocess_volume(r, brain, PRESETS["trivae_mm"], spacing=bad)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(median_size_mm=5.0), "not both: set median_size=None"),
+    (dict(min_component_mm3=8.0), "not both: set min_component_size=None"),
+    (dict(median_size=None), "no `median_size_mm` was given"),
+    (dict(min_component_size=None), "no `min_component_mm3` was given"),
+    (dict(median_size=None, median_size_mm=0.0), "`median_size_mm` must be a number > 0"),
+    (dict(median_size=None, median_size_mm=(5.0, 5.0)), "three numbers > 0"),
+    (dict(median_size=None, median_size_mm=(5.0, -1.0, 5.0)), "three numbers > 0"),
+    (dict(min_component_size=None, min_component_mm3=float("inf")), "`min_component_mm3` must be a number > 0"),
+])
+def test_bad_mm_config(kw, msg):
+    with pytest.raises(UADInputError, match=msg): PostprocessConfig(**kw)
+
+
+def test_mm_config_json_round_trip():
+    d = json.loads(json.dumps(dataclasses.asdict(PRESETS["trivae_mm"])))
+    assert PostprocessConfig(**d) == PRESETS["trivae_mm"]          # lists from JSON become the preset's tuple
+
+
+def test_spacing_from_a_preprocessed_subject(tmp_path):
+    "The caller's path: slice_spacing(record, recipe) -> postprocess_volume(..., spacing=...) on the stacked slices."
+    import nibabel as nib
+    from uad_study.io import Subject
+    from uad_study.preprocess import SliceRecipe, preprocess_subject, slice_spacing
+    vol = np.zeros((24, 20, 12), np.int16); vol[2:22, 3:17, :] = 100               # 1 mm, 24x20 slices
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "s.nii.gz")
+    recipe = SliceRecipe(resolution=12)
+    rec = preprocess_subject(Subject("s", {"T2": tmp_path / "s.nii.gz"}), recipe)
+    sp = slice_spacing(rec, recipe)
+    assert sp == (2.0, 2.0, 1.0)                                                   # 24 px square -> 12: 2 mm pixels
+    st = {s["step"]: s for s in postprocess_steps(PRESETS["trivae_mm"], sp)}
+    assert st["median"]["kernel"] == [3, 3, 5] and st["remove_small_components"]["min_size"] == 2
+    stacked = np.moveaxis(rec["slices"], 0, -1)                                    # (R, R, n), as the study stacks them
+    out = postprocess_volume(stacked, np.moveaxis(rec["masks"], 0, -1), PRESETS["trivae_mm"], spacing=sp)
+    assert out.shape == stacked.shape

@@ -13,13 +13,17 @@ MODELS = ("vae", "abl-gcs", "trivae-coarse", "dae-coarse")   # enough for every 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    import warnings
     out = tmp_path_factory.mktemp("trivae") / "run"
     cfg = trivae_config("smoke", out_dir=str(out), models=MODELS, epochs=1)
-    return cfg, run_trivae_study(cfg, progress=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        r = run_trivae_study(cfg, progress=False)
+    return cfg, r, [str(x.message) for x in w]
 
 
 def test_run_folder(run):
-    cfg, r = run
+    cfg, r, *_ = run
     out = r["out_dir"]
     for f in ("config.json", "metrics.json", "metrics.csv", "table1.csv", "table2.csv", "split.csv"):
         assert (out / f).is_file(), f
@@ -37,7 +41,7 @@ def test_run_folder(run):
 
 
 def test_every_number_names_its_protocol_and_data(run):
-    cfg, r = run
+    cfg, r, *_ = run
     t = r["table"]
     assert set(t["protocol"]) == {"test_best", "healthy_fpr"}
     assert t[["profile", "data", "resolution", "postprocess", "space"]].notna().all().all() and (t["space"] == "brain").all()
@@ -49,7 +53,7 @@ def test_every_number_names_its_protocol_and_data(run):
 
 
 def test_tables_beside_the_paper(run):
-    cfg, r = run
+    cfg, r, *_ = run
     t1 = pd.read_csv(r["out_dir"] / "table1.csv")
     assert r["tables"]["table1"].shape == t1.shape
     paper = t1[t1["source"].str.startswith("paper")]
@@ -59,14 +63,15 @@ def test_tables_beside_the_paper(run):
     assert ours["source"].str.contains("smoke").all() and ours["protocol"].str.contains("test_best").all()
     assert ours["protocol"].str.contains("mask_only").any() and ours["protocol"].str.contains("brain voxels").all()
     t2 = pd.read_csv(r["out_dir"] / "table2.csv")
-    assert list(t2[t2["source"].str.startswith("paper")]["row"]) == list(TABLE2.values())
+    from uad_study.core import paper_table
+    assert list(t2[t2["source"].str.startswith("paper")]["row"]) == list(paper_table("tri-vae_table2")["row"])
     assert set(t2[~t2["source"].str.startswith("paper")]["row"]) == {TABLE2[m] for m in MODELS if m in TABLE2}
     # the paper's numbers are read from the package's paper tables (uad_study/paper_tables), not typed here
     assert t2[t2["row"] == "+SSIM loss (Tri-VAE)"]["dice"].iloc[0] == pytest.approx(0.6058)
 
 
 def test_figures_with_their_data(run):
-    cfg, r = run
+    cfg, r, *_ = run
     fig = r["out_dir"] / "figures"
     for f in ("pr_curves", "fig4_segmentations", "fig5_tsne", "fig6_coarse_loss", "fig7_trivae_vs_unet"):
         assert (fig / f"{f}.png").is_file(), f
@@ -79,7 +84,7 @@ def test_figures_with_their_data(run):
 def test_resume_finished_run_does_not_retrain(run):
     "Resuming a finished run trains nothing: logs and checkpoints are untouched, the numbers are the same (no timing)."
     import torch
-    cfg, r = run
+    cfg, r, *_ = run
     out = r["out_dir"]
     before = {m: ((out / "models" / m / "train_log.csv").read_text(), (out / "models" / m / "last.pt").stat().st_mtime_ns)
               for m in MODELS}
@@ -92,7 +97,7 @@ def test_resume_finished_run_does_not_retrain(run):
 
 
 def test_existing_run_is_not_overwritten(run):
-    cfg, r = run
+    cfg, r, *_ = run
     with pytest.raises(UADInputError, match="run folder exists"):
         run_trivae_study(cfg, progress=False)
 
@@ -128,3 +133,24 @@ def test_study_under_torchrun(tmp_path):
     log = pd.read_csv(out / "models" / "vae" / "train_log.csv")
     assert len(log) == 1 and log["train_loss"].notna().all()
     assert (out / "table1.csv").is_file() and (out / "figures" / "fig4_segmentations.png").is_file()
+
+
+def test_triplets_of_distinct_subjects_in_the_study(run):
+    "The runner gives the Tri-VAE objective each slice's subject: no 'roles follow batch order' warning in training."
+    cfg, r, warned = run
+    assert not any("has no 'subject'" in w for w in warned), warned
+    c = json.loads((r["out_dir"] / "config.json").read_text())
+    assert c["models_detail"]["vae"]["objective"]["variant"] == "literal"
+    assert c["models_detail"]["trivae-coarse"]["objective"]["triplet_reduction"] == "sum"   # eq. 5 as written
+
+
+def test_both_readings_of_eq8(tmp_path):
+    "vae (eq. 8 as written) and vae-balanced (ours) both run, are named in Table 2 and log the KL every epoch."
+    cfg = trivae_config("smoke", out_dir=str(tmp_path / "r"), models=("vae", "vae-balanced"), epochs=2)
+    r = run_trivae_study(cfg, progress=False)
+    t2 = r["tables"]["table2"]
+    assert {"baseline VAE (eq. 8 as written)", "baseline VAE (balanced, ours)"} <= set(t2["row"])
+    assert set(r["table"]["loss_variant"]) == {"literal", "balanced"}
+    for m in ("vae", "vae-balanced"):
+        log = pd.read_csv(r["out_dir"] / "models" / m / "train_log.csv")
+        assert "train_kl" in log and log["train_kl"].notna().all() and len(log) == 2

@@ -4,6 +4,7 @@ optimisers (a toy adversarial autoencoder) and a second stage on a frozen first 
 `TinyAdvAE` and `AdvObjective` are also trained under torchrun by tests/test_ddp.py."""
 import ast
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -624,3 +625,63 @@ def test_dict_batches(tmp_path):
     with pytest.raises(UADInputError, match=r"val\['name'\] must be a numpy array of numbers or bools"):
         train_model(_Gen(), data, {"image": x, "name": np.array(["a"] * n)}, TrainConfig(device="cpu"), tmp_path / "bad", objective=obj)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------- validation batches of the objective's choosing (issue 11)
+
+class _OwnValBatches(_Recorder):
+    "Validation in batches that the objective chooses (here: the rows in reverse, in batches of 3, plus an empty one)."
+    def val_batches(self, data, batch_size):
+        rows = np.arange(len(data["image"]))[::-1]
+        return [rows[:3], rows[3:6], np.array([], int), rows[6:]]
+
+
+def test_val_batches_hook(tmp_path):
+    "The engine validates in the objective's batches (skipping empty ones), weighting by rows; the default keeps the stored order."
+    from uad_study.training import evaluate_loss
+    n = 8; x = _data(n=n, s=8); data = {"image": x, "subject": np.arange(n, dtype=np.int64)}
+    torch.manual_seed(0); m = _Gen()
+    own, plain = _OwnValBatches(), _Recorder()
+    v_own = evaluate_loss(m, data, TrainConfig(batch_size=5, device="cpu"), "cpu", own)
+    v_plain = evaluate_loss(m, data, TrainConfig(batch_size=5, device="cpu"), "cpu", plain)
+    assert [b["subject"].tolist() for b in own.val] == [[7, 6, 5], [4, 3, 2], [1, 0]]
+    assert [b["subject"].tolist() for b in plain.val] == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert v_own == pytest.approx(v_plain, rel=1e-6)                           # per-sample losses: the same mean
+    with torch.no_grad():
+        per_row = [float(F.mse_loss(m(torch.from_numpy(x[i:i + 1])[:, None])["recon"], torch.from_numpy(x[i:i + 1])[:, None])) for i in range(n)]
+    assert v_own == pytest.approx(np.mean(per_row), rel=1e-6)
+    hist = train_model(_Gen(), data, data, TrainConfig(epochs=1, batch_size=4, device="cpu"), tmp_path, progress=False, objective=_OwnValBatches())
+    assert np.isfinite(hist[0]["val_loss"])
+
+
+# ---------------------------------------------------------------- the posterior-collapse warning (issue 11)
+
+class _KLParts(Objective):
+    "A toy objective that logs given KL values per epoch (part `name`), so the collapse check is driven exactly."
+    def __init__(self, kls, name="kl", floor=0.01): self.kls, self.name, self.collapse_kl_floor = kls, name, floor
+
+    def loss(self, model, batch):
+        x = batch["image"]; return F.mse_loss(model(x)["recon"], x), {}
+
+    def train_step(self, model, batch, step):
+        out = super().train_step(model, batch, step)
+        return {**out, self.name: self.kls[step.epoch]}
+
+
+def _collapse_warnings(tmp_path, obj, epochs=4):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        train_model(_Gen(), _data(n=8, s=8), None, TrainConfig(epochs=epochs, batch_size=4, device="cpu"), tmp_path, progress=False,
+                    name="toy", objective=obj)
+    return [str(w.message) for w in rec if "posterior collapse" in str(w.message)]
+
+
+def test_posterior_collapse_warning_once(tmp_path):
+    msgs = _collapse_warnings(tmp_path / "a", _KLParts([1.0, 0.005, 0.001, 0.0]))
+    assert msgs == ["toy: posterior collapse: KL per sample 0.005 below 0.01 at epoch 2 (train_kl): the decoder ignores the input; "
+                    "balance the KL term (a KL weight below 1, the KL per pixel, or a KL warm-up)"]
+    assert len(_collapse_warnings(tmp_path / "b", _KLParts([0.5, 0.2, 1e-3, 1e-4], name="kl_z"))) == 1   # any part named kl...
+    assert "at epoch 3 (train_kl_z)" in _collapse_warnings(tmp_path / "c", _KLParts([0.5, 0.2, 1e-3, 1e-4], name="kl_z"))[0]
+    assert _collapse_warnings(tmp_path / "d", _KLParts([1.0, 0.5, 0.2, 0.1])) == []                     # healthy
+    assert _collapse_warnings(tmp_path / "e", _KLParts([0.0] * 4, floor=None)) == []                   # no floor: no check
+    assert _collapse_warnings(tmp_path / "f", _KLParts([0.0] * 4, name="recon")) == []                 # not a KL part

@@ -119,7 +119,7 @@ def _data_parsers(sub) -> None:
     dc.add_argument("--labels", metavar="GLOB", help="glob for the labels (matched to images by subject id); any non-negative "
                                                      "integer values, non-zero means anomalous")
     dc.add_argument("--masks", metavar="GLOB", help="glob for brain masks (matched to images by subject id)")
-    dc.add_argument("--modalities", nargs="+", help="required modalities, case-insensitive (ixi, brats, mslub)")
+    dc.add_argument("--modalities", nargs="+", help="required modalities, any case (ixi, brats, mslub; nifti: fills {modality} in --images)")
     dc.add_argument("--label-values", nargs="+", type=int, help="allowed label values (default: the dataset's own set)")
     dc.add_argument("--annotations", help="fastMRI+ annotation CSV (default: the one CSV under PATH)")
     dc.add_argument("--table", action="store_true", help="also print one row per subject")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['coarse_noise', 'add_coarse_noise', 'simplex_noise', 'linear_betas', 'alpha_bar', 'forward_diffuse', 'NoiseConfig',
-           'add_noise']
+__all__ = ['ANODDPM_GAIN', 'ANODDPM_STRETCH', 'coarse_noise', 'add_coarse_noise', 'simplex_noise', 'linear_betas', 'alpha_bar',
+           'forward_diffuse', 'NoiseConfig', 'add_noise']
 
 # %% ../nbs/05_noise.ipynb #183a999a
 def _as_nchw(x: torch.Tensor, name: str = "x") -> torch.Tensor:
@@ -83,30 +83,42 @@ def _simplex2d(x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> torch.Te
         out = out + tt ** 4 * (grad[g, 0] * cx + grad[g, 1] * cy)
     return 70.0 * out
 
+def _simplex_grid(n: int, h: int, w: int, generator: torch.Generator | None, device) -> tuple:
+    "Per-sample permutation tables (n,512) and pixel coordinates x, y (n,h*w) shifted by a random offset per sample."
+    p = torch.argsort(torch.rand((n, 256), generator=generator, device=device), dim=1)
+    perm = torch.cat([p, p], dim=1)                            # (n,512), indices never wrap
+    off = torch.rand((n, 2, 1), generator=generator, device=device, dtype=torch.float64) * 256  # pixels
+    yy, xx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64),
+                            torch.arange(w, device=device, dtype=torch.float64), indexing="ij")
+    return perm, xx.reshape(1, -1) + off[:, 0], yy.reshape(1, -1) + off[:, 1]
+
+# %% ../nbs/05_noise.ipynb #e84ff5ee
+ANODDPM_GAIN = 0.71      # our 2D simplex octave (sd 0.441) times 0.71 = AnoDDPM's OpenSimplex-3D octave (sd 0.315)
+ANODDPM_STRETCH = 0.45   # our 2D simplex at 0.45x the coordinates has the autocorrelation of AnoDDPM's at 1x
+
 def simplex_noise(n: int,                          # number of fields (batch size)
                   h: int, w: int,                  # field size, pixels
-                  frequency: float = 2 ** -6,      # start frequency, cycles per pixel (scales coordinates)
+                  frequency: float = 2 ** -6,      # start frequency, noise units per pixel of this field (AnoDDPM: 1/64)
                   octaves: int = 6,                # number of octaves summed
                   persistence: float = 0.8,        # amplitude factor from one octave to the next
                   lacunarity: float = 2.0,         # frequency factor from one octave to the next
-                  generator: torch.Generator | None = None,  # seeds the permutation tables
+                  generator: torch.Generator | None = None,  # seeds the permutation tables and offsets
                   device: str | torch.device = "cpu",
+                  gain: float = ANODDPM_GAIN,      # amplitude calibration of the primitive (1: raw 2D simplex)
+                  stretch: float = ANODDPM_STRETCH,  # coordinate calibration of the primitive (1: raw 2D simplex)
                   ) -> torch.Tensor:
-    "Multi-octave 2D simplex noise, (n,1,h,w), a different field per sample, normalised by the sum of amplitudes."
+    "AnoDDPM's octave sum, unnormalised: `gain * sum_o persistence**o * simplex(stretch*frequency*lacunarity**o * pixel)`, (n,1,h,w)."
     if octaves < 1: raise UADInputError("`octaves` must be >= 1", octaves)
+    for k, v in (("frequency", frequency), ("gain", gain), ("stretch", stretch)):
+        if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
+            raise UADInputError(f"`{k}` must be > 0", v)
     if generator is not None: device = generator.device
-    p = torch.argsort(torch.rand((n, 256), generator=generator, device=device), dim=1)
-    perm = torch.cat([p, p], dim=1)                            # (n,512), indices never wrap
-    off = torch.rand((n, 2, 1), generator=generator, device=device, dtype=torch.float64) * 256  # per-sample shift
-    yy, xx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float64),
-                            torch.arange(w, device=device, dtype=torch.float64), indexing="ij")
-    xs, ys = xx.reshape(1, -1).expand(n, -1), yy.reshape(1, -1).expand(n, -1)
+    perm, xs, ys = _simplex_grid(n, h, w, generator, device)
     out = torch.zeros(n, h * w, dtype=torch.float64, device=device)
-    amp, freq, total = 1.0, frequency, 0.0
-    for _ in range(octaves):
-        out += amp * _simplex2d((xs + off[:, 0]) * freq, (ys + off[:, 1]) * freq, perm)
-        total += amp; amp *= persistence; freq *= lacunarity
-    return (out / total).to(torch.float32).reshape(n, 1, h, w)
+    for o in range(octaves):
+        f = stretch * frequency * lacunarity ** o
+        out += persistence ** o * _simplex2d(xs * f, ys * f, perm)
+    return (gain * out).to(torch.float32).reshape(n, 1, h, w)
 
 # %% ../nbs/05_noise.ipynb #1b6e33a4
 def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
@@ -133,21 +145,30 @@ def forward_diffuse(x: torch.Tensor,               # clean images
 @dataclass(frozen=True)
 class NoiseConfig:
     "The noise that turns a healthy slice into a pseudo-anomalous one."
-    kind: str = "coarse"           # "coarse" (Kascenas et al.) or "simplex" (AnoDDPM)
-    coarse_res: int = 16           # coarse: noise grid edge
-    coarse_sd: float = 0.2         # coarse: Gaussian sd
-    simplex_frequency: float = 2 ** -6
-    simplex_octaves: int = 6
-    simplex_persistence: float = 0.8
-    simplex_lacunarity: float = 2.0
-    simplex_t: int = 87            # simplex: forward-diffusion steps
+    kind: str = "coarse"              # "coarse" (Kascenas et al.) or "simplex" (AnoDDPM)
+    coarse_res: int = 16              # coarse: noise grid edge, cells across the image
+    coarse_sd: float = 0.2            # coarse: Gaussian sd
+    simplex_frequency: float = 2 ** -6  # simplex: start frequency, noise units per pixel AT simplex_ref_size (AnoDDPM: 1/64)
+    simplex_ref_size: int = 256       # simplex: image width at which simplex_frequency holds (the paper's 256x256)
+    simplex_octaves: int = 6          # simplex: octaves summed
+    simplex_persistence: float = 0.8  # simplex: amplitude factor per octave
+    simplex_lacunarity: float = 2.0   # simplex: frequency factor per octave
+    simplex_gain: float = ANODDPM_GAIN        # simplex: amplitude calibration to AnoDDPM's OpenSimplex-3D (1 = raw)
+    simplex_stretch: float = ANODDPM_STRETCH  # simplex: coordinate calibration to AnoDDPM's OpenSimplex-3D (1 = raw)
+    simplex_t: int = 87               # simplex: forward-diffusion steps
+
+    def simplex_frequency_at(self, width: int) -> float:
+        "Start frequency in noise units per pixel for an image `width` pixels wide (same structures as at the reference size)."
+        if width < 1: raise UADInputError("`width` must be >= 1 pixel", width)
+        return self.simplex_frequency * self.simplex_ref_size / width
 
 def add_noise(x: torch.Tensor, cfg: NoiseConfig = NoiseConfig()) -> torch.Tensor:
     "Noised copy of a (B, 1, H, W) batch of healthy slices; noise only inside the foreground `x > 0`."
     mask = x > 0
     if cfg.kind == "coarse": return x + coarse_noise(x, cfg.coarse_res, cfg.coarse_sd, mask)
     if cfg.kind == "simplex":
-        eps = simplex_noise(len(x), x.shape[-2], x.shape[-1], cfg.simplex_frequency, cfg.simplex_octaves,
-                            cfg.simplex_persistence, cfg.simplex_lacunarity, device=x.device).to(x.dtype)
+        eps = simplex_noise(len(x), x.shape[-2], x.shape[-1], cfg.simplex_frequency_at(x.shape[-1]), cfg.simplex_octaves,
+                            cfg.simplex_persistence, cfg.simplex_lacunarity, device=x.device,
+                            gain=cfg.simplex_gain, stretch=cfg.simplex_stretch).to(x.dtype)
         return torch.where(mask, forward_diffuse(x, eps, cfg.simplex_t), x)
     raise UADInputError("noise kind must be 'coarse' or 'simplex'", cfg.kind)

@@ -16,6 +16,7 @@ __all__ = ['Objective']
 class Objective:
     "What a model family minimises and how: its loss, its optimisers, one training step, the validation loss, extra state."
     ddp_kwargs: dict = {}  # more DistributedDataParallel arguments, e.g. {"find_unused_parameters": True}
+    collapse_kl_floor: float | None = None  # warn when a logged "kl*" part's epoch mean is below this (its units); None: off
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         "The loss (a scalar: the mean over the batch's samples) and its named parts."
@@ -35,6 +36,10 @@ class Objective:
     def val_loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         "The validation loss and its parts (under no_grad, in eval mode)."
         return self.loss(model, batch)
+
+    def val_batches(self, data: dict, batch_size: int) -> list | None:
+        "The validation batches as row-index arrays into `data` (dict of arrays), or None: consecutive `batch_size` chunks."
+        return None
 
     def state_dict(self) -> dict:
         "Extra state to checkpoint (default: none)."

@@ -8,6 +8,7 @@ Docs: https://uad-study.github.io/uad_study/postprocess.html.md"""
 from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -16,12 +17,14 @@ from scipy import ndimage as ndi
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['PRESETS', 'PostprocessConfig', 'postprocess_steps', 'median_volume', 'remove_small_components', 'postprocess_volume']
+__all__ = ['TRIVAE_PAPER_SPACING', 'PRESETS', 'PostprocessConfig', 'median_kernel_voxels', 'min_component_voxels',
+           'postprocess_steps', 'median_volume', 'remove_small_components', 'postprocess_volume']
 
 # %% ../nbs/10_postprocess.ipynb #a0798f6f
 _CONNECTIVITY = {"full": {3: 26, 2: 8}, "face": {3: 6, 2: 4}}  # neighbours of a voxel / pixel
 
 def _is_int(v) -> bool: return isinstance(v, Integral) and not isinstance(v, bool)
+def _is_pos(v) -> bool: return isinstance(v, Real) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
 
 @dataclass(frozen=True)
 class PostprocessConfig:
@@ -31,32 +34,59 @@ class PostprocessConfig:
     mask_erosion_dims: int = 2        # 2: erode each axial slice (DenoisingAE / pDDPM habit); 3: erode the volume
     positive_only: bool = False       # keep only x - x_hat > 0 (needs the signed residual; no-op on |x - x_hat|)
     threshold: float | None = 0.1     # values below it are set to 0 (None = off)
-    median_size: int = 5              # edge of the median kernel in voxels (0/1 = off)
+    median_size: int | None = 5       # edge of the median kernel in voxels (0/1 = off; None when given in mm)
     median_dims: int = 3              # 3: 3D median over the stacked volume; 2: per axial slice (last axis)
-    min_component_size: int = 8       # connected components of the map's support smaller than this are removed (0 = off)
+    min_component_size: int | None = 8  # components of the map's support with fewer voxels are removed (0 = off; None: mm)
     component_dims: int = 3           # 3: 3D components; 2: per-slice components
     connectivity: str = "full"        # "full" (26 in 3D / 8 in 2D neighbours) or "face" (6 / 4)
+    median_size_mm: float | tuple | None = None  # median kernel edge in mm, one number or (x, y, z); needs median_size=None
+    min_component_mm3: float | None = None       # components smaller than this (voxels x voxel volume, mm^3) are removed
 
     def __post_init__(self):
-        def bad(rule, v): raise UADInputError(f"PostprocessConfig: {rule}", v)
-        for f in ("mask", "positive_only"):
-            if not isinstance(getattr(self, f), (bool, np.bool_)): bad(f"`{f}` must be True or False", getattr(self, f))
-        if not _is_int(self.mask_erosion) or self.mask_erosion < 0: bad("`mask_erosion` must be an int >= 0", self.mask_erosion)
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, Real)
-                                           or not np.isfinite(self.threshold)):
-            bad("`threshold` must be a finite number or None", self.threshold)
-        if not _is_int(self.median_size) or self.median_size < 0:
-            bad("`median_size` must be an int >= 0 (0 or 1 = off)", self.median_size)
-        if self.median_size > 1 and self.median_size % 2 == 0:
-            bad("`median_size` must be odd so the kernel is centred on the voxel", self.median_size)
-        if not _is_int(self.min_component_size) or self.min_component_size < 0:
-            bad("`min_component_size` must be an int >= 0 (0 = off)", self.min_component_size)
-        for f in ("mask_erosion_dims", "median_dims", "component_dims"):
-            if getattr(self, f) not in (2, 3) or isinstance(getattr(self, f), bool): bad(f"`{f}` must be 2 or 3", getattr(self, f))
-        if self.connectivity not in _CONNECTIVITY: bad(f"`connectivity` must be one of {list(_CONNECTIVITY)}", self.connectivity)
+        if isinstance(self.median_size_mm, list): object.__setattr__(self, "median_size_mm", tuple(self.median_size_mm))
+        _check_config(self)
+
+# %% ../nbs/10_postprocess.ipynb #a703d5d0
+def _check_config(c: PostprocessConfig):
+    "Raise a UADInputError naming the first broken rule of `c`."
+    def bad(rule, v): raise UADInputError(f"PostprocessConfig: {rule}", v)
+    for f in ("mask", "positive_only"):
+        if not isinstance(getattr(c, f), (bool, np.bool_)): bad(f"`{f}` must be True or False", getattr(c, f))
+    if not _is_int(c.mask_erosion) or c.mask_erosion < 0: bad("`mask_erosion` must be an int >= 0", c.mask_erosion)
+    if c.threshold is not None and (isinstance(c.threshold, bool) or not isinstance(c.threshold, Real)
+                                    or not np.isfinite(c.threshold)):
+        bad("`threshold` must be a finite number or None", c.threshold)
+    mm = c.median_size_mm
+    if mm is not None:
+        if c.median_size is not None:
+            bad("give the median kernel in voxels (`median_size`) or in mm (`median_size_mm`), not both: set median_size=None", c.median_size)
+        if not (_is_pos(mm) or (isinstance(mm, tuple) and len(mm) == 3 and all(_is_pos(v) for v in mm))):
+            bad("`median_size_mm` must be a number > 0 or three numbers > 0 (x, y, z) in mm", mm)
+    elif c.median_size is None: bad("`median_size` is None but no `median_size_mm` was given (0 = off)", None)
+    elif not _is_int(c.median_size) or c.median_size < 0: bad("`median_size` must be an int >= 0 (0 or 1 = off)", c.median_size)
+    elif c.median_size > 1 and c.median_size % 2 == 0:
+        bad("`median_size` must be odd so the kernel is centred on the voxel", c.median_size)
+    if c.min_component_mm3 is not None:
+        if c.min_component_size is not None:
+            bad("give the minimum component in voxels (`min_component_size`) or in mm^3 (`min_component_mm3`), not both: "
+                "set min_component_size=None", c.min_component_size)
+        if not _is_pos(c.min_component_mm3): bad("`min_component_mm3` must be a number > 0", c.min_component_mm3)
+    elif c.min_component_size is None: bad("`min_component_size` is None but no `min_component_mm3` was given (0 = off)", None)
+    elif not _is_int(c.min_component_size) or c.min_component_size < 0:
+        bad("`min_component_size` must be an int >= 0 (0 = off)", c.min_component_size)
+    for f in ("mask_erosion_dims", "median_dims", "component_dims"):
+        if getattr(c, f) not in (2, 3) or isinstance(getattr(c, f), bool): bad(f"`{f}` must be 2 or 3", getattr(c, f))
+    if c.connectivity not in _CONNECTIVITY: bad(f"`connectivity` must be one of {list(_CONNECTIVITY)}", c.connectivity)
+
+# %% ../nbs/10_postprocess.ipynb #9e943a74
+TRIVAE_PAPER_SPACING = (240 / 256, 240 / 256, 1.0)   # mm: BraTS 1 mm, 240x240 slices resized to 256x256 (Tri-VAE)
 
 PRESETS: dict[str, PostprocessConfig] = {
     "trivae": PostprocessConfig(),    # Tri-VAE: mask, threshold 0.1, 3D median 5, 3D (26-connected) components < 8 removed
+    # Tri-VAE's sizes in mm at the paper's grid: median 5 px x 0.9375 mm = 4.6875 mm in-plane, 5 slices x 1 mm = 5 mm;
+    # components of 8 voxels x 0.87890625 mm^3 = 7.03125 mm^3. Converted to voxels per volume from its spacing.
+    "trivae_mm": PostprocessConfig(median_size=None, median_size_mm=(4.6875, 4.6875, 5.0),
+                                   min_component_size=None, min_component_mm3=7.03125),
     "mask_only": PostprocessConfig(threshold=None, median_size=0, min_component_size=0),  # raw residual inside the brain
     "none": PostprocessConfig(mask=False, threshold=None, median_size=0, min_component_size=0),  # the raw residual
     # thesis (VAE / VQ-VAE / VQGAN, Sec. 4 post-processing): positive residual, eroded brain mask, 2D 9x9 median,
@@ -70,10 +100,64 @@ PRESETS: dict[str, PostprocessConfig] = {
 }
 
 # %% ../nbs/10_postprocess.ipynb #0ae578ba
-def postprocess_steps(cfg: PostprocessConfig) -> list[dict]:
+def _check_spacing(spacing) -> tuple[float, float, float]:
+    "`spacing` as three floats > 0, or a UADInputError naming the rule."
+    try: sp = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError): sp = ()
+    if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
+        raise UADInputError("`spacing` must be three numbers > 0 (sx, sy, sz): the evaluated volume's voxel size in mm", spacing)
+    return sp
+
+def median_kernel_voxels(size_mm: float | tuple,  # kernel edge in mm: one number, or (x, y, z)
+                         spacing: tuple,          # voxel size (sx, sy, sz) in mm of the (H, W, D) volume
+                         dims: int = 3,           # 3: 3D kernel; 2: one slice (the last axis gets 1)
+                         ) -> tuple[int, int, int]:
+    "Kernel edges in voxels: per axis the odd count nearest to `size_mm / spacing` (ties up, at least 1)."
+    sp = _check_spacing(spacing)
+    mm = (size_mm,) * 3 if isinstance(size_mm, Real) else tuple(size_mm)
+    k = [max(1, 2 * math.floor((m / s - 1) / 2 + 0.5 + 1e-9) + 1) for m, s in zip(mm, sp)]
+    if dims == 2: k[2] = 1
+    return tuple(k)
+
+def min_component_voxels(volume_mm3: float,  # smallest kept component volume, mm^3
+                         spacing: tuple,     # voxel size (sx, sy, sz) in mm
+                         ) -> int:
+    "Smallest kept component in voxels: one of n voxels is removed when n * sx*sy*sz < `volume_mm3`."
+    sx, sy, sz = _check_spacing(spacing)
+    return max(1, math.ceil(volume_mm3 / (sx * sy * sz) - 1e-9))
+
+# %% ../nbs/10_postprocess.ipynb #6be7043e
+def _median_step(cfg: PostprocessConfig, sp: tuple | None) -> dict:
+    "The median step: voxel size as given, or the mm request with the voxels it gives at spacing `sp`."
+    d = int(cfg.median_dims)
+    if cfg.median_size_mm is None:
+        k = int(cfg.median_size)
+        return {"step": "median", "size": k, "dims": d, "kernel": [k, k, k] if d == 3 else [k, k, 1], "mode": "reflect"}
+    mm = cfg.median_size_mm
+    mm = [float(mm)] * 3 if isinstance(mm, Real) else [float(v) for v in mm]
+    return {"step": "median", "size_mm": mm, "dims": d, "spacing_mm": None if sp is None else list(sp),
+            "kernel": None if sp is None else list(median_kernel_voxels(mm, sp, d)),
+            "rounding": "odd voxel count nearest to size_mm / spacing per axis (ties up, at least 1)", "mode": "reflect"}
+
+def _component_step(cfg: PostprocessConfig, sp: tuple | None) -> dict:
+    "The component step: minimum size in voxels as given, or the mm^3 request with the voxels it gives at `sp`."
+    s = {"step": "remove_small_components", "rule": "components of (map != 0) with fewer voxels than min_size set to 0"}
+    if cfg.min_component_mm3 is None: s["min_size"] = int(cfg.min_component_size)
+    else:
+        v = None if sp is None else float(sp[0] * sp[1] * sp[2])
+        s |= {"min_mm3": float(cfg.min_component_mm3), "spacing_mm": None if sp is None else list(sp), "voxel_mm3": v,
+              "min_size": None if sp is None else min_component_voxels(cfg.min_component_mm3, sp)}
+    return s | {"dims": int(cfg.component_dims), "connectivity": cfg.connectivity,
+                "neighbours": _CONNECTIVITY[cfg.connectivity][cfg.component_dims]}
+
+# %% ../nbs/10_postprocess.ipynb #537fa24c
+def postprocess_steps(cfg: PostprocessConfig,   # which steps run (see PRESETS)
+                      spacing: tuple | None = None,  # voxel size (sx, sy, sz) in mm; converts sizes given in mm
+                      ) -> list[dict]:
     "The ordered steps `postprocess_volume` will run for `cfg`, with their parameters (JSON-ready)."
     if not isinstance(cfg, PostprocessConfig):
         raise UADInputError("`cfg` must be a PostprocessConfig (see PRESETS)", type(cfg).__name__)
+    sp = None if spacing is None else _check_spacing(spacing)
     steps: list[dict] = []
     if cfg.positive_only:
         steps.append({"step": "positive_only", "rule": "values < 0 set to 0 (keeps x - x_hat > 0)"})
@@ -85,14 +169,8 @@ def postprocess_steps(cfg: PostprocessConfig) -> list[dict]:
         steps.append(s)
     if cfg.threshold is not None:
         steps.append({"step": "threshold", "rule": "values < threshold set to 0", "threshold": float(cfg.threshold)})
-    if cfg.median_size > 1:
-        k = int(cfg.median_size)
-        steps.append({"step": "median", "size": k, "dims": int(cfg.median_dims),
-                      "kernel": [k, k, k] if cfg.median_dims == 3 else [k, k, 1], "mode": "reflect"})
-    if cfg.min_component_size > 0:
-        steps.append({"step": "remove_small_components", "rule": "components of (map != 0) with fewer voxels than min_size set to 0",
-                      "min_size": int(cfg.min_component_size), "dims": int(cfg.component_dims),
-                      "connectivity": cfg.connectivity, "neighbours": _CONNECTIVITY[cfg.connectivity][cfg.component_dims]})
+    if cfg.median_size_mm is not None or cfg.median_size > 1: steps.append(_median_step(cfg, sp))
+    if cfg.min_component_mm3 is not None or cfg.min_component_size > 0: steps.append(_component_step(cfg, sp))
     return steps
 
 # %% ../nbs/10_postprocess.ipynb #89a8989d
@@ -137,14 +215,17 @@ def _median_nonneg(x: np.ndarray, kernel: tuple, chunk: int = 16384) -> np.ndarr
 def median_volume(x: np.ndarray,  # float volume (H, W, D)
                   size: int = 5,   # kernel edge in voxels (odd)
                   dims: int = 3,   # 3: k*k*k kernel; 2: k*k*1 (each slice on its own)
+                  kernel: tuple | None = None,  # (kx, ky, kz) odd edges in voxels (anisotropic); overrides size and dims
                   ) -> np.ndarray:
     "Median filter of a volume, equal to `ndi.median_filter(x, kernel, mode='reflect')`, computed on the non-zero box only."
-    kernel = (size, size, size) if dims == 3 else (size, size, 1)
+    kernel = ((size, size, size) if dims == 3 else (size, size, 1)) if kernel is None else tuple(int(k) for k in kernel)
+    if len(kernel) != 3 or min(kernel) < 1: raise UADInputError("median `kernel` must be three edges >= 1 (voxels)", kernel)
+    if all(k == 1 for k in kernel): return x.copy()              # a 1x1x1 median is the identity
     out = np.zeros_like(x)
     box = _bbox(x, tuple(k // 2 + 1 for k in kernel))
     if box is None: return out
     xb = x[box]
-    fast = size % 2 == 1 and all(s > k // 2 for s, k in zip(xb.shape, kernel)) and not (xb < 0).any()
+    fast = all(k % 2 == 1 for k in kernel) and all(s > k // 2 for s, k in zip(xb.shape, kernel)) and not (xb < 0).any()
     out[box] = _median_nonneg(xb, kernel) if fast else ndi.median_filter(xb, size=kernel, mode="reflect")
     return out
 
@@ -203,7 +284,7 @@ def _apply(step: dict, x: np.ndarray, m: np.ndarray | None) -> np.ndarray:
         if step["erosion_voxels"]: m = _erode(m, step["erosion_voxels"], step["erosion_dims"])
         x[~m] = 0
     elif kind == "threshold": x[x < step["threshold"]] = 0
-    elif kind == "median": x = median_volume(x, step["size"], step["dims"])
+    elif kind == "median": x = median_volume(x, kernel=tuple(step["kernel"]))
     elif kind == "remove_small_components":
         x = remove_small_components(x, step["min_size"], step["dims"], step["connectivity"])
     else: raise UADInputError("unknown post-processing step", kind)
@@ -212,8 +293,12 @@ def _apply(step: dict, x: np.ndarray, m: np.ndarray | None) -> np.ndarray:
 def postprocess_volume(residual: np.ndarray,           # residual / anomaly volume (H, W, D), D = slice axis
                        brain_mask: np.ndarray | None,   # binary brain mask, same shape (None only if cfg.mask is False)
                        cfg: PostprocessConfig,          # which steps run (see PRESETS)
+                       spacing: tuple | None = None,    # voxel size (sx, sy, sz) in mm; required when cfg gives sizes in mm
                        ) -> np.ndarray:
-    "Post-process one residual volume into a float32 anomaly map (H, W, D) by running `postprocess_steps(cfg)`."
+    "Post-process one residual volume into a float32 anomaly map (H, W, D) by running `postprocess_steps(cfg, spacing)`."
     x, m = _check_inputs(residual, brain_mask, cfg)
-    for step in postprocess_steps(cfg): x = _apply(step, x, m)
+    if spacing is None and (cfg.median_size_mm is not None or cfg.min_component_mm3 is not None):
+        raise UADInputError("cfg gives sizes in mm (median_size_mm / min_component_mm3): pass `spacing=(sx, sy, sz)`, "
+                            "the evaluated volume's voxel size in mm", None)
+    for step in postprocess_steps(cfg, spacing): x = _apply(step, x, m)
     return x.astype(np.float32, copy=False)

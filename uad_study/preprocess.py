@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,14 +20,14 @@ from skimage.transform import rescale as sk_rescale
 from tqdm.auto import tqdm
 
 from .core import UADInputError, atomic_dir, atomic_path, config_hash, data_dir, project_root
-from .io import Subject, check_same_grid, load_volume
+from .io import Subject, check_same_grid, load_image, load_volume
 from .datasets import label_volume
 
 # %% auto #0
 __all__ = ['RECIPES', 'SliceRecipe', 'normalise', 'resize_slices', 'unresize_slices', 'curvature_flow', 'pad_or_crop',
-           'volume_steps', 'select_slices', 'preprocess_subject', 'SliceSet', 'build_slices', 'split_counts',
-           'split_ids', 'get_recipe', 'recipe_from_config', 'affine_flip', 'RandomAffineFlip', 'write_split',
-           'read_split', 'splits_dir', 'split_from_definition', 'qc_montage', 'qc_montages']
+           'volume_steps', 'select_slices', 'preprocess_subject', 'SliceSet', 'build_slices', 'slice_spacing',
+           'split_counts', 'split_ids', 'get_recipe', 'recipe_from_config', 'affine_flip', 'RandomAffineFlip',
+           'write_split', 'read_split', 'splits_dir', 'split_from_definition', 'qc_montage', 'qc_montages']
 
 # %% ../nbs/04_preprocess.ipynb #2f5589fc
 @dataclass(frozen=True)
@@ -293,6 +294,23 @@ def build_slices(subjects: list[Subject],
         (tmp / "index.json").write_text(json.dumps({"recipe": asdict(recipe), "steps": recipe.steps(),
                                                     "subjects": subs}, indent=1))
     return SliceSet(folder)
+
+# %% ../nbs/04_preprocess.ipynb #47262741
+def slice_spacing(subject: dict,        # a `SliceSet.subjects` record: "image" (path) and "shape" (after the volume steps)
+                  recipe: SliceRecipe,  # the recipe that made the slices (`SliceSet.recipe`)
+                  ) -> tuple[float, float, float]:
+    "Voxel size (sx, sy, sz) in mm of a subject's stacked slices (R, R, n): the volume that is evaluated."
+    img = load_image(subject["image"])
+    ornt = nib.orientations.io_orientation(img.affine)          # RAS+ axis of each stored axis
+    zooms, shape0 = np.empty(3), np.empty(3)
+    for j in range(3):
+        zooms[int(ornt[j, 0])], shape0[int(ornt[j, 0])] = img.header.get_zooms()[j], img.shape[j]
+    if recipe.pad_to is not None: shape0 = np.asarray(recipe.pad_to, float)   # padding or cropping keeps the spacing
+    X, Y, Z = (int(v) for v in subject["shape"][:3])
+    sp = zooms * shape0 / np.array([X, Y, Z], float)          # `volume_scale` changes the grid, not the extent
+    S = (max(X, Y),) * 2 if recipe.pad_square else (X, Y)      # slices padded to a square, then resized to R
+    R = recipe.resolution
+    return (float(sp[0] * S[0] / R), float(sp[1] * S[1] / R), float(sp[2]))
 
 # %% ../nbs/04_preprocess.ipynb #2fe4ae4e
 def split_counts(n: int, sizes: dict) -> dict[str, int]:

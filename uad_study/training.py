@@ -295,14 +295,19 @@ def evaluate_loss(model: nn.Module,
     device, net, data = torch.device(device), unwrap_model(model), _as_arrays(data, "val")
     info = dist_info() if dist.is_available() and dist.is_initialized() else DistInfo()  # shares need a group to sum them
     dtype, n_all = amp_dtype(cfg.amp, device), _n(data)
-    lo, hi = n_all * info.rank // info.world_size, n_all * (info.rank + 1) // info.world_size
+    own = objective.val_batches(data, cfg.batch_size) if n_all else None
+    if own is None:  # consecutive chunks of this process's contiguous share
+        lo, hi = n_all * info.rank // info.world_size, n_all * (info.rank + 1) // info.world_size
+        rows = [slice(i, min(i + cfg.batch_size, hi)) for i in range(lo, hi, cfg.batch_size)]
+    else: rows = [np.asarray(r) for r in own][info.rank::info.world_size]
     net.eval(); tot, n = 0.0, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i in range(lo, hi, cfg.batch_size):
-            j = min(i + cfg.batch_size, hi)
-            batch = {k: t.to(device) for k, t in _collate(data, slice(i, j)).items()}
+        for r in rows:
+            m = r.stop - r.start if isinstance(r, slice) else len(r)
+            if not m: continue
+            batch = {k: t.to(device) for k, t in _collate(data, r).items()}
             with _autocast(device, dtype): loss, _ = objective.val_loss(net, batch)
-            tot += loss.item() * (j - i); n += j - i
+            tot += loss.item() * m; n += m
     if info.world_size > 1:
         t = torch.tensor([tot, n], dtype=torch.float64, device=device); dist.all_reduce(t); tot, n = t.tolist()
     return tot / max(n, 1)
@@ -320,6 +325,7 @@ class _Run:
     history: list = field(default_factory=list)
     start: int = 0                        # epochs already done (from the checkpoint)
     es: dict = field(default_factory=lambda: {"best": math.inf, "best_epoch": 0, "bad": 0, "stopped": False})
+    collapse_warned: bool = False         # the posterior-collapse warning is given once per run
 
 def _restore(run: _Run, ck: dict, path: Path) -> None:
     "Resume from `ck`: weights, optimisers, loss scalers, the objective's state, history, early stopping, random streams."
@@ -437,6 +443,16 @@ def _validate(run: _Run, epoch: int, row: dict) -> bool:
     es["stopped"] = bool(cfg.early_stop_patience) and es["bad"] >= cfg.early_stop_patience
     return improved
 
+def _warn_collapse(run: _Run, row: dict) -> None:
+    "Warn once per run when a logged KL part (`train_kl`, `train_kl...`) has fallen below the objective's `collapse_kl_floor`."
+    floor = getattr(run.objective, "collapse_kl_floor", None)
+    if floor is None or run.collapse_warned or not run.info.is_main: return
+    low = {k: v for k, v in row.items() if k.startswith("train_kl") and math.isfinite(v) and v < floor}
+    if not low: return
+    k, v = min(low.items(), key=lambda kv: kv[1]); run.collapse_warned = True
+    warnings.warn(f"{run.name}: posterior collapse: KL per sample {v:.3g} below {floor:g} at epoch {row['epoch']} ({k}): the decoder "
+                  "ignores the input; balance the KL term (a KL weight below 1, the KL per pixel, or a KL warm-up)", RuntimeWarning, stacklevel=3)
+
 # %% ../nbs/07_training.ipynb #4346b442
 def _save_epoch(run: _Run, row: dict, improved: bool, tb) -> None:
     "Process 0 writes last.pt (best.pt when validation improved), the CSV log and TensorBoard; then every process waits."
@@ -492,6 +508,7 @@ def train_model(model: nn.Module,
             t0 = time.perf_counter()
             sums, counts, lr = _train_epoch(run, epoch, bar)
             row = _epoch_row(run, epoch, sums, counts, lr, time.perf_counter() - t0)
+            _warn_collapse(run, row)
             improved = _validate(run, epoch, row)
             run.history.append(row)
             _save_epoch(run, row, improved, tb)

@@ -6,6 +6,7 @@ Docs: https://uad-study.github.io/uad_study/trivae.html.md"""
 
 # %% ../../nbs/06a_trivae.ipynb #6cc8d6e5
 from __future__ import annotations
+import math, warnings, zlib
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -20,8 +21,10 @@ from ..noise import NoiseConfig, add_noise
 from ..objective import Objective
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'GatedCrossSkip', 'TriVAEConfig', 'check_trivae_config', 'ablation_config', 'TriVAE', 'triplet_loss',
-           'TriVAELossConfig', 'TriVAEObjective', 'capture_features', 'latent_codes']
+__all__ = ['ABLATIONS', 'TRIPLET_REDUCTIONS', 'KL_TERM_REDUCTIONS', 'LOSS_VARIANTS', 'GatedCrossSkip', 'TriVAEConfig',
+           'check_trivae_config', 'ablation_config', 'TriVAE', 'triplet_loss', 'distinct_triplets', 'spread_batches',
+           'TriVAELossConfig', 'loss_config', 'loss_variant', 'kl_warmup', 'trivae_loss', 'triplet_roles',
+           'TriVAEObjective', 'capture_features', 'latent_codes']
 
 # %% ../../nbs/06a_trivae.ipynb #42f99ed3
 class GatedCrossSkip(nn.Module):
@@ -149,52 +152,201 @@ class TriVAE(nn.Module):
         o = self.forward(x); return torch.cat([o["mu"], o["logvar"]], 1)
 
 # %% ../../nbs/06a_trivae.ipynb #469ab13d
-def triplet_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
-    "Eqs. 5-6: max(d(a, p) - d(a, n) + margin, 0) with squared L2 distance, averaged over triplets."
-    d = lambda u, v: ((u - v) ** 2).sum(1)
-    return F.relu(d(a, p) - d(a, n) + margin).mean()
+TRIPLET_REDUCTIONS = ("sum", "mean")
 
-# %% ../../nbs/06a_trivae.ipynb #f44ef189
+def triplet_loss(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor,  # embeddings (K, D) of anchors, positives, negatives
+                 margin: float = 1.0,                                 # alpha
+                 reduction: str = "sum",                              # "sum" over the K triplets (eq. 5) or "mean"
+                 ) -> torch.Tensor:
+    "Eqs. 5-6: max(d(a, p) - d(a, n) + margin, 0) with squared L2 distance, summed (or averaged) over triplets."
+    if reduction not in TRIPLET_REDUCTIONS: raise UADInputError(f"triplet reduction must be one of {TRIPLET_REDUCTIONS}", reduction)
+    d = lambda u, v: ((u - v) ** 2).sum(1)
+    t = F.relu(d(a, p) - d(a, n) + margin)
+    return t.sum() if reduction == "sum" else t.mean()
+
+# %% ../../nbs/06a_trivae.ipynb #15046218
+def distinct_triplets(subject: torch.Tensor | np.ndarray,  # (B,) subject index of each slice of the batch
+                      generator: torch.Generator,          # a CPU generator: the draw (same state, same triplets)
+                      ) -> torch.Tensor:
+    "Random (anchor, positive, negative) rows (m, 3) of a batch, each of three distinct subjects; as many as possible (m <= B // 3)."
+    s = torch.as_tensor(subject).detach().cpu().reshape(-1)
+    order = torch.randperm(len(s), generator=generator)
+    subj, inv = torch.unique(s, return_inverse=True)
+    prio = torch.rand(len(subj), generator=generator).tolist()        # breaks ties between subjects at random
+    pools = [order[inv[order] == u].tolist() for u in range(len(subj))]  # each subject's slices, shuffled
+    rows = []
+    for _ in range(len(s) // 3):
+        live = sorted((u for u in range(len(pools)) if pools[u]), key=lambda u: (-len(pools[u]), prio[u]))
+        if len(live) < 3: break
+        rows.append([pools[u].pop() for u in live[:3]])
+    t = torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+    return t.gather(1, torch.rand(len(t), 3, generator=generator).argsort(1))   # random roles
+
+def spread_batches(subject: np.ndarray,  # (N,) subject index of each validation slice
+                   batch_size: int,      # at most this many rows per batch
+                   seed: int = 0,        # the offsets: fixed, so every validation sees the same batches
+                   ) -> list[np.ndarray]:
+    "Fixed batches (sorted row indices) in which every subject appears in proportion to its slices."
+    s = np.asarray(subject).reshape(-1)
+    if not len(s): return []
+    if batch_size < 1: raise UADInputError("batch_size must be >= 1", batch_size)
+    rng, key = np.random.default_rng(seed), np.empty(len(s))
+    for u in np.unique(s):
+        idx = np.flatnonzero(s == u)
+        key[idx] = (rng.permutation(len(idx)) + rng.random()) / len(idx)
+    order = np.argsort(key, kind="stable")
+    return [np.sort(b) for b in np.array_split(order, math.ceil(len(s) / batch_size))]
+
+# %% ../../nbs/06a_trivae.ipynb #983b2a08
+KL_TERM_REDUCTIONS = ("sum", "per_pixel")
+
 @dataclass(frozen=True)
 class TriVAELossConfig:
-    "Weights and noise of the Tri-VAE objective (eq. 8 uses weight 1 everywhere)."
+    "Weights, reductions and noise of the Tri-VAE objective; the defaults are eq. 8 as written (`LOSS_VARIANTS['literal']`)."
     noise: NoiseConfig = NoiseConfig()
-    margin: float = 1.0
+    margin: float = 1.0                # eq. 5's alpha
     l1_weight: float = 1.0
-    kl_weight: float = 1.0
+    kl_weight: float = 1.0             # on the KL term after `kl_reduction` (eq. 8: 1)
     triplet_weight: float = 1.0
     ssim_weight: float = 1.0
+    kl_reduction: str = "sum"          # "sum": eq. 3, summed over latent units; "per_pixel": that sum / pixels per slice
+    kl_warmup_epochs: float = 0.0      # the KL weight rises linearly from 0 over this many epochs, per step (0: off)
+    triplet_reduction: str = "sum"     # eq. 5: "sum" over the batch's triplets (as written) or "mean"
 
-class TriVAEObjective(Objective):
-    "The training objective of a `TriVAE` (eq. 8, or the baseline VAE's L1 + KL) on `batch['image']`; one Adam, the default step."
-    def __init__(self, cfg: TriVAELossConfig = TriVAELossConfig()): self.cfg = cfg
+    def __post_init__(self):
+        if self.kl_reduction not in KL_TERM_REDUCTIONS:
+            raise UADInputError(f"kl_reduction must be one of {KL_TERM_REDUCTIONS}", self.kl_reduction)
+        if self.triplet_reduction not in TRIPLET_REDUCTIONS:
+            raise UADInputError(f"triplet_reduction must be one of {TRIPLET_REDUCTIONS}", self.triplet_reduction)
+        bad = {k: getattr(self, k) for k in ("l1_weight", "kl_weight", "triplet_weight", "ssim_weight", "kl_warmup_epochs")
+               if not getattr(self, k) >= 0}
+        if bad: raise UADInputError("loss weights and kl_warmup_epochs must be >= 0", bad)
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        "The loss of eq. 8 (or L1 + KL) and its parts; `model` may be the DDP wrapper."
-        x = batch["image"]
-        mcfg: TriVAEConfig = getattr(model, "module", model).cfg     # DDP wraps the model in `.module`
-        c = self.cfg
-        if not mcfg.triplet:                                          # baseline VAE: clean slices, L1 + KL
-            o = model(x); rec, kl = l1(o["recon"], x), kl_divergence(o["mu"], o["logvar"])
-            return c.l1_weight * rec + c.kl_weight * kl, {"l1": rec.detach(), "kl": kl.detach()}
+# %% ../../nbs/06a_trivae.ipynb #f261cfce
+LOSS_VARIANTS = {  # the KL balancing of eq. 8, by the names the chapter uses
+    "literal": dict(kl_reduction="sum", kl_weight=1.0, kl_warmup_epochs=0.0),         # eq. 8 as written
+    "balanced": dict(kl_reduction="per_pixel", kl_weight=1.0, kl_warmup_epochs=0.0),  # ours: KL per pixel, as the quickstart's VAE
+}
+
+def loss_config(variant: str = "literal", **kw) -> TriVAELossConfig:
+    "The `TriVAELossConfig` of a named KL balancing (`LOSS_VARIANTS`), other fields (or overrides) from `kw`."
+    if variant not in LOSS_VARIANTS: raise UADInputError(f"loss variant must be one of {list(LOSS_VARIANTS)}", variant)
+    return TriVAELossConfig(**{**LOSS_VARIANTS[variant], **kw})
+
+def loss_variant(cfg: TriVAELossConfig) -> str:
+    "The name of `cfg`'s KL balancing in `LOSS_VARIANTS`, or 'custom'."
+    return next((k for k, v in LOSS_VARIANTS.items() if all(getattr(cfg, f) == x for f, x in v.items())), "custom")
+
+def kl_warmup(global_step: int, n_steps: int, epochs: float) -> float:
+    "The factor on the KL weight at optimiser step `global_step` (0-based; `n_steps` per epoch): linear over `epochs`."
+    return 1.0 if epochs <= 0 else min(1.0, (global_step + 1) / (epochs * n_steps))
+
+# %% ../../nbs/06a_trivae.ipynb #ee13cb50
+def trivae_loss(model: nn.Module,                  # a TriVAE (or its DDP wrapper)
+                x: torch.Tensor,                   # the batch (B, 1, H, W)
+                cfg: TriVAELossConfig = TriVAELossConfig(),
+                roles: torch.Tensor | None = None, # (m, 3) anchor, positive, negative rows of x; None: x's thirds in order
+                kl_factor: float = 1.0,            # the KL warm-up factor of this step
+                n_batch: int | None = None,        # slices of the global batch (DDP): eq. 5 sums n_batch // 3 terms; None: len(x)
+                ) -> tuple[torch.Tensor, dict]:
+    "Eq. 8 (or the baseline VAE's L1 + KL on clean slices) and its parts; the `kl` part is eq. 4's, before any weight."
+    mcfg: TriVAEConfig = getattr(model, "module", model).cfg     # DDP wraps the model in `.module`
+    c = cfg; klw = c.kl_weight * kl_factor / (x[0].numel() if c.kl_reduction == "per_pixel" else 1)
+    if not mcfg.triplet:                                          # baseline VAE: clean slices, L1 + KL
+        o = model(x); rec, kl = l1(o["recon"], x), kl_divergence(o["mu"], o["logvar"])
+        return c.l1_weight * rec + klw * kl, {"l1": rec.detach(), "kl": kl.detach()}
+    if roles is None:
         k = len(x) // 3
         if k < 1: raise UADInputError("a Tri-VAE batch needs at least 3 slices (anchor, positive, negative)", len(x))
         xa, xp, xn = x[:k], x[k:2 * k], x[2 * k:3 * k]
-        o = model(torch.cat([xa, xp, add_noise(xn, c.noise)]))
-        ea, ep, en = o["embedding"].split(k)
-        trip = triplet_loss(ea, ep, en, c.margin)
-        kl = kl_divergence(o["mu"][:k], o["logvar"][:k]) + kl_divergence(o["mu"][k:2 * k], o["logvar"][k:2 * k])   # eq. 4
-        rn = o["recon"][2 * k:]
-        rec = l1(rn, xn)                                                                       # L1 neg, full size
-        parts = {"l1_full_neg": rec.detach(), "kl": kl.detach(), "triplet": trip.detach()}
-        if mcfg.coarse_loss:
-            target = F.adaptive_avg_pool2d(torch.cat([xa, xp, xn]), o["coarse"].shape[-2:])
-            lc = sum(l1(oc, tc) for oc, tc in zip(o["coarse"].split(k), target.split(k)))       # eq. 2, 32x32 terms
-            rec = rec + lc; parts["l1_coarse"] = lc.detach()
-        loss = c.l1_weight * rec + c.kl_weight * kl + c.triplet_weight * trip
-        if mcfg.ssim_loss:
-            s = 1 - ssim(rn, xn); loss = loss + c.ssim_weight * s; parts["ssim"] = s.detach()
-        return loss, parts
+    else:
+        k, r = len(roles), roles.to(x.device)
+        if k < 1: raise UADInputError("a Tri-VAE batch needs at least one (anchor, positive, negative) triplet", tuple(roles.shape))
+        xa, xp, xn = x[r[:, 0]], x[r[:, 1]], x[r[:, 2]]
+    o = model(torch.cat([xa, xp, add_noise(xn, c.noise)]))
+    ea, ep, en = o["embedding"].split(k)
+    trip = triplet_loss(ea, ep, en, c.margin, "mean")
+    if c.triplet_reduction == "sum": trip = trip * ((n_batch or len(x)) // 3)                   # eq. 5
+    kl = kl_divergence(o["mu"][:k], o["logvar"][:k]) + kl_divergence(o["mu"][k:2 * k], o["logvar"][k:2 * k])   # eq. 4
+    rn = o["recon"][2 * k:]
+    rec = l1(rn, xn)                                                                           # L1 neg, full size
+    parts = {"l1_full_neg": rec.detach(), "kl": kl.detach(), "triplet": trip.detach()}
+    if mcfg.coarse_loss:
+        target = F.adaptive_avg_pool2d(torch.cat([xa, xp, xn]), o["coarse"].shape[-2:])
+        lc = sum(l1(oc, tc) for oc, tc in zip(o["coarse"].split(k), target.split(k)))           # eq. 2, 32x32 terms
+        rec = rec + lc; parts["l1_coarse"] = lc.detach()
+    loss = c.l1_weight * rec + klw * kl + c.triplet_weight * trip
+    if mcfg.ssim_loss:
+        s = 1 - ssim(rn, xn); loss = loss + c.ssim_weight * s; parts["ssim"] = s.detach()
+    return loss, parts
+
+# %% ../../nbs/06a_trivae.ipynb #275ddfa4
+_ROLE_WARNINGS = {
+    "order": "the batch has no 'subject': anchor, positive and negative are its thirds in batch order, so the roles follow the "
+             "data's order (a subject-ordered cache: subject order); pass {'image': slices, 'subject': subject index of each "
+             "slice} for random triplets of three distinct subjects (the paper's)",
+    "subjects": "a batch of {} slices from {} subject(s) cannot form a triplet of three distinct subjects (the paper's rule): its "
+                "triplets ignore the subjects (warned once; give every batch, and every DDP process's piece of it, slices of >= 3 "
+                "subjects)"}
+
+def triplet_roles(subject: torch.Tensor,         # (B,) subject index of each slice
+                  generator: torch.Generator,    # a CPU generator: the draw
+                  ) -> tuple[torch.Tensor | None, bool]:
+    "`distinct_triplets`, or random rows that ignore subjects when the batch has none (fewer than 3 subjects); and whether it fell back."
+    t = distinct_triplets(subject, generator)
+    if len(t): return t, False
+    k = len(subject) // 3
+    if k < 1: return None, False                  # fewer than 3 slices: trivae_loss says so
+    return torch.randperm(3 * k, generator=generator).view(3, k).T, True
+
+# %% ../../nbs/06a_trivae.ipynb #b49c907c
+_WARNED_TEXTS: set = set()   # warning texts already shown in this process
+
+class TriVAEObjective(Objective):
+    "Tri-VAE's objective (`trivae_loss`) with random triplets of three distinct subjects from `batch['subject']`; one Adam."
+    collapse_kl_floor = 1e-2  # nats per sample (the logged `kl`, summed over latent units): the engine warns below it
+
+    def __init__(self, cfg: TriVAELossConfig = TriVAELossConfig()): self.cfg, self._warned = cfg, set()
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        "Eq. 8 (or L1 + KL) at full KL weight, and its parts; `model` may be the DDP wrapper."
+        return trivae_loss(model, batch["image"], self.cfg, self.roles(model, batch))
+
+    def train_step(self, model: nn.Module, batch: dict, step) -> dict:
+        "One Adam step at this step's KL warm-up factor; eq. 5's sum counts the global batch's triplets."
+        f = kl_warmup(step.global_step, step.n_steps, self.cfg.kl_warmup_epochs)
+        with step.autocast(): loss, parts = trivae_loss(model, batch["image"], self.cfg, self.roles(model, batch), f, step.n_batch)
+        step.optimise("model", loss)
+        return {**parts, "loss": loss}
+
+    def val_loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        "The loss at full KL weight; with subjects, triplets and noise seeded by the batch's subject ids (the same every time)."
+        if "subject" not in batch: return self.loss(model, batch)
+        dev, seed = batch["image"].device, zlib.crc32(torch.as_tensor(batch["subject"]).cpu().numpy().astype(np.int64).tobytes())
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.default_generator.manual_seed(seed)                   # the CPU stream (the triplets' draw)
+            if dev.type == "cuda":
+                with torch.cuda.device(dev): torch.cuda.manual_seed(seed)   # the batch device's stream (the noise)
+            return self.loss(model, batch)
+
+    def val_batches(self, data: dict, batch_size: int) -> list | None:
+        "With `data['subject']`: fixed batches that mix the validation subjects (`spread_batches`); else the stored order."
+        return spread_batches(data["subject"], batch_size) if "subject" in data else None
+
+    def roles(self, model: nn.Module, batch: dict) -> torch.Tensor | None:
+        "This batch's (m, 3) anchor, positive, negative rows (`triplet_roles`); None: thirds in batch order (no 'subject')."
+        if not getattr(model, "module", model).cfg.triplet: return None
+        if "subject" not in batch: self._warn_once("order", _ROLE_WARNINGS["order"]); return None
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))   # from the global RNG: a resume replays it
+        rows, fell_back = triplet_roles(batch["subject"], g)
+        if fell_back:
+            s = torch.as_tensor(batch["subject"]); self._warn_once("subjects", _ROLE_WARNINGS["subjects"].format(len(s), len(torch.unique(s))))
+        return rows
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        "Warn once per objective, and a given text once per process (a study trains several Tri-VAE models on the same data)."
+        if key in self._warned or msg in _WARNED_TEXTS: return
+        self._warned.add(key); _WARNED_TEXTS.add(msg); warnings.warn(f"TriVAEObjective: {msg}", RuntimeWarning, stacklevel=4)
 
 # %% ../../nbs/06a_trivae.ipynb #0e1611ec
 @torch.no_grad()
