@@ -216,3 +216,32 @@ def test_cli_options_generated_with_help():
 def test_no_matplotlib_use_in_the_library():
     for f in (ROOT / "uad_study").rglob("*.py"):
         assert "matplotlib.use(" not in f.read_text(), f
+
+
+def test_registry_maps_may_use_the_model(monkeypatch):
+    "An ANOMALY_MAPS entry that takes `model` is given the trained model by the runner's scoring (pyramids, likelihood masks)."
+    import torch
+    from uad_study import scores
+    from uad_study.models.baselines import build_model
+    from uad_study.study import score_slices
+    seen = {}
+    def uses_model(x, x_hat, model=None, **kw):
+        seen["model"] = model
+        return np.abs(np.asarray(x) - np.asarray(x_hat))
+    monkeypatch.setitem(scores.ANOMALY_MAPS, "toy_model_map", uses_model)
+    torch.manual_seed(0)
+    m = build_model("ae", in_size=16, channels=(8, 16), latent_dim=4)
+    x = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    x_hat, maps = score_slices(m, x, "toy_model_map", device="cpu")
+    assert seen["model"] is m and maps.shape == (3, 16, 16) and np.allclose(maps, np.abs(x - x_hat))
+    assert scores.describe_map("toy_model_map", model=m)["params"] == {}
+
+
+def test_example_figures_name_model_postprocessing_and_protocol(tmp_path, monkeypatch):
+    import uad_study.study as kit
+    titles, real = [], kit.plot_panels
+    def spy(rows, path, **kw):
+        titles.append(kw.get("title", "")); return real(rows, path, **kw)
+    monkeypatch.setattr(kit, "plot_panels", spy)
+    run_study(QUICK, _quick(tmp_path), progress=False)
+    assert titles and all(t.startswith("ae: map absolute, post-processing trivae, threshold test_best (") for t in titles), titles

@@ -201,7 +201,7 @@ ANOMALY_MAPS: dict[str, Callable] = {
     "reversed_ae": reversed_ae_map,
 }
 _PERCEPTUAL = {"lpips", "residual_lpips", "reversed_ae"}
-_NOT_RECORDED = {"net", "batch_size", "device"}  # do not change the numbers (net is recorded by its label)
+_NOT_RECORDED = {"net", "batch_size", "device", "model"}  # do not change the numbers (net is recorded by its label; model: maps that use the trained model)
 
 def describe_map(name: str, **kw) -> dict:
     "The record of a map for a run config: name, parameters (defaults filled in) and LPIPS label."
