@@ -88,6 +88,7 @@ def atomic_write_text(target: str | Path, text: str, overwrite: bool = True) -> 
     with atomic_path(target, overwrite) as tmp: tmp.write_text(text)
     return Path(target)
 
+# %% ../nbs/00_core.ipynb #a8e44342
 def _jsonable(o):
     if dataclasses.is_dataclass(o) and not isinstance(o, type): return dataclasses.asdict(o)
     if isinstance(o, Path): return str(o)

@@ -346,6 +346,7 @@ def protocol_description(p: EvalProtocol) -> dict:
         "dice_T": "DICE of all voxels (all slices of all subjects) pooled", "dice_S": "mean and sd of per-subject DICE",
         "empty_subjects": "DICE of a subject with empty label and empty prediction is nan, left out of means"}
 
+# %% ../nbs/11_metrics.ipynb #06a153e1
 def threshold_at_fpr(counts: tuple,  # counts over healthy scans (labels all 0), e.g. an accumulator's counts()
                      fpr: float = 0.05,  # largest allowed voxel false-positive rate
                      ) -> float:

@@ -249,6 +249,7 @@ class SliceSet:
     def recipe(self) -> SliceRecipe: return SliceRecipe(**self.index["recipe"])
     def __repr__(self): return f"SliceSet({len(self.subjects)} subjects, {len(self)} slices, {self.folder.name})"
 
+# %% ../nbs/04_preprocess.ipynb #64312270
 def _fingerprint(subjects: list[Subject]) -> list:
     out = []
     for s in subjects:
