@@ -1,5 +1,6 @@
-"Embedded benchmark v2: determinism (checksums across runs), layouts read by the real adapters, each class's label geometry and intensity, annotations, presets, caching and bad inputs (tiny preset, 2 mm)."
+"Embedded benchmark v2: determinism (checksums across runs), layouts read by the real adapters, each class's label geometry and intensity, the MRI artefact classes, annotations, presets, caching and bad inputs (tiny preset, 2 mm)."
 import csv, json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 
 from uad_study import benchmark as B
-from uad_study.benchmark import (CLASSES, PATHOLOGIES, benchmark_config, benchmark_dir, benchmark_subjects, bench_templates,
-                                 draw_benchmark_subject, ensure_benchmark, generate_benchmark, plan_benchmark, read_manifest,
-                                 render_benchmark_subject, verify_benchmark)
+from uad_study.benchmark import (ARTEFACTS, CLASSES, PATHOLOGIES, apply_artefact, benchmark_config, benchmark_dir,
+                                 benchmark_subjects, bench_templates, draw_benchmark_subject, ensure_benchmark,
+                                 generate_benchmark, plan_benchmark, read_manifest, render_benchmark_subject, verify_benchmark)
 from uad_study.core import UADInputError
 from uad_study.datasets import (box_mask, check_subjects, detect_dataset, fastmri_slice, find_atlas, find_brats,
                                 find_fastmri_brain, find_ixi_subjects, find_mslub, find_nifti)
@@ -102,7 +103,7 @@ def test_fastmri_boxes_cover_labels(bench):
 def test_slice_and_subject_labels(bench):
     rows = list(csv.DictReader(open(bench / "slices.csv")))
     subs = benchmark_subjects(bench)
-    assert {r["cls"] for r in subs} == set(CLASSES)
+    assert {r["cls"] for r in subs} == {"healthy", *PATHOLOGIES}
     for s in subs:
         mine = [r for r in rows if r["id"] == s["id"]]
         assert sum(int(r["label_voxels"]) for r in mine) == s["label_voxels"]
@@ -249,3 +250,153 @@ def test_bad_inputs_raise_before_writing(tmp_path, monkeypatch):
         with pytest.raises(UADInputError, match=msg): ensure_benchmark(progress=False, **kw)
     with pytest.raises(UADInputError, match="`n_jobs`"): generate_benchmark(TINY, tmp_path / "x", n_jobs=0)
     assert not (tmp_path / "benchmark").exists() and not (tmp_path / "x").exists()
+
+
+# ---- MRI artefact classes (global, subject-level labels) ----
+ART = benchmark_config("tiny", classes=ARTEFACTS)
+PINNED = {"easy": "v2-easy-seed0-6bdcdc4b3d0c", "standard": "v2-standard-seed0-667b880da11c", "hard": "v2-hard-seed0-5467ca64b40c",
+          "smoke": "v2-smoke-seed0-0e89be7e9e8b", "tiny": "v2-tiny-seed0-414e20e7f01a"}   # before the artefact classes existed
+
+
+def without_artefact(p): return {k: v for k, v in p.items() if k != "artefact"}
+
+
+@pytest.fixture(scope="module")
+def artefacts():
+    "Artefact subject 0 of each class (tiny, 2 mm): params, render, and the same subject rendered without its artefact."
+    out = {}
+    for cls in ARTEFACTS:
+        p = draw_benchmark_subject(ART, cls, 0)
+        out[cls] = (p, render_benchmark_subject(ART, p), render_benchmark_subject(ART, without_artefact(p)))
+    return out
+
+
+def test_artefact_classes_leave_pathology_presets_unchanged(bench):
+    assert PATHOLOGIES == ("glioma", "ms", "infarct", "resection", "ventricles", "haemorrhage", "intensity_ellipses", "copy_paste", "shapes")
+    assert ARTEFACTS == ("motion", "spike", "ghosting", "gibbs", "wrap", "bias") and B.BenchmarkConfig().classes == PATHOLOGIES
+    assert [CLASSES[a]["id"] for a in ARTEFACTS] == list(range(10, 16))
+    assert all(CLASSES[a]["layout"] == "UADBench" and CLASSES[a]["labels"] == {} for a in ARTEFACTS)
+    assert {p: benchmark_dir(benchmark_config(p)).name for p in PINNED} == PINNED
+    for base in ("standard", "smoke"):
+        a = benchmark_config(f"{base}-artefacts")
+        assert a.classes == PATHOLOGIES + ARTEFACTS and a == replace(benchmark_config(base), preset=a.preset, classes=a.classes)
+    assert set(B.PRESET_NAMES) == set(B.PRESETS) >= {"standard-artefacts", "smoke-artefacts"}
+    sha = {f["path"]: f["sha256"] for f in read_manifest(bench)["files"]}     # the tiny preset's files, as before
+    assert sha["labels.json"] == "1ab742ec83ac1ad8a89ae086ae98014d65e228e86a0d1240ae3c3415fdb995af"
+    assert sha["split.csv"] == "0769edfc206fe32dc8d9b4f5045eb916a6feb95ef44b1606e8ad53d8d8c137be"
+    with pytest.raises(UADInputError, match="`classes` must be distinct names"): benchmark_config("tiny", classes=("motion", "flu"))
+
+
+def test_artefact_presets_keep_the_other_subjects():
+    std, art = benchmark_config("standard"), benchmark_config("standard-artefacts")
+    for cls, i, split in (("healthy", 0, "train"), ("glioma", 2, "test")):
+        assert draw_benchmark_subject(std, cls, i, split) == draw_benchmark_subject(art, cls, i, split)
+    ps, pa = plan_benchmark(std), plan_benchmark(art)
+    assert pa[:len(ps)] == ps and [p["cls"] for p in pa[len(ps):]] == [a for a in ARTEFACTS for _ in range(5)]
+
+
+def test_artefact_draws_are_json_per_contrast():
+    for cls in ARTEFACTS:
+        p = draw_benchmark_subject(ART, cls, 0)
+        assert json.loads(json.dumps(p)) == p and "pathology" not in p and set(p["artefact"]) == set(B.CONTRASTS)
+        shared = all(p["artefact"][c] == p["artefact"]["t1"] for c in B.CONTRASTS)
+        assert shared == (cls in ("wrap", "bias")), cls          # one coil, one FOV; else one acquisition per contrast
+    with pytest.raises(UADInputError, match="artefact must be one of"): B.draw_artefact("flu", np.random.default_rng(0))
+
+
+def test_artefact_volumes_label_mask_determinism(artefacts):
+    for cls, (p, a, c) in artefacts.items():
+        assert a["label"].max() == 0 and c["label"].max() == 0, cls
+        for k in B.CONTRASTS: assert np.array_equal(a[k] > 0, a["mask"]), (cls, k)
+        if cls != "wrap": assert np.array_equal(a["mask"], c["mask"]), cls
+        for k in B.CONTRASTS:                                     # every contrast changes measurably
+            m = a["mask"]; rel = np.sqrt(((a[k].astype(float) - c[k]) ** 2)[m].mean()) / np.median(c[k][m])
+            assert rel > 0.02, (cls, k, rel)
+    for cls in ("motion", "bias"):                                # torch/SimpleITK path and the cached bias field
+        p, a, _ = artefacts[cls]
+        again = render_benchmark_subject(ART, p)
+        for k in (*B.CONTRASTS, "label", "mask"): np.testing.assert_array_equal(again[k], a[k])
+
+
+def _t1(artefacts, cls):
+    "T1 with and without the artefact (float), the brain mask and the T1 parameters."
+    p, a, c = artefacts[cls]
+    return a["t1"].astype(np.float64), c["t1"].astype(np.float64), c["mask"], p["artefact"]["t1"]
+
+
+def test_motion_and_ghosting_move_signal_out_of_the_brain(artefacts):
+    "Before skull-stripping both put signal where the clean image has none; after it the brain stays in place."
+    for cls in ("motion", "ghosting"):
+        A, C, m, P = _t1(artefacts, cls)
+        out, imaged, res = apply_artefact(C.astype(np.float32), m, cls, P, S)
+        assert imaged.all() and res == {}
+        assert np.abs(out[~m]).sum() > 0.02 * C[m].sum(), cls          # C is exactly 0 outside the brain
+        assert abs(A[m].mean() / C[m].mean() - 1) < 0.1, cls           # k-space centre kept: the mean level stays
+
+
+def test_spike_adds_a_kspace_peak(artefacts):
+    A, C, m, P = _t1(artefacts, "spike")
+    fa, fc = (np.abs(np.fft.fftshift(np.fft.fftn(x))) for x in (A, C))
+    idx = [tuple(i) for i in np.floor(np.asarray(P["spikes_positions"]) * np.array(A.shape)).astype(int)]
+    ratio = [fa[i] / fc[i] for i in idx]
+    assert min(ratio) > 2 and max(ratio) > 10, ratio                  # stripes: energy at the spike's frequency
+    off = np.ones(A.shape, bool); off[tuple(np.array(idx).T)] = False
+    assert np.median(fa[off] / np.maximum(fc[off], 1e-9)) < 1.2       # not a global change of every frequency
+
+
+def test_gibbs_truncates_kspace_and_rings_at_edges(artefacts):
+    from scipy import ndimage
+    A, C, m, P = _t1(artefacts, "gibbs")
+    out, _, _ = apply_artefact(C.astype(np.float32), m, "gibbs", P, S)
+    k = np.abs(np.fft.fftshift(np.fft.fftn(out)))
+    g = np.indices(out.shape); cen = (np.array(out.shape) - 1) / 2
+    dist = np.sqrt(sum((g[i] - cen[i]) ** 2 for i in range(3)))
+    assert k[dist > (1 - P["alpha"]) * max(out.shape) * np.sqrt(2) / 2 + 1].max() < 1e-6 * k.max()   # MONAI's sphere
+    shell = ndimage.binary_dilation(m, iterations=3) & ~m              # where the clean image is exactly 0
+    med = np.median(C[m])
+    assert (out[shell] < -0.02 * med).mean() > 0.1 and (out[shell] > 0.02 * med).mean() > 0.1   # oscillates about 0
+
+
+def test_wrap_folds_into_the_fov(artefacts):
+    A, C, m, P = _t1(artefacts, "wrap")
+    _, a, _ = artefacts["wrap"]
+    r = a["resolved"]["artefact"]["t1"]; lo, hi = r["fov_vox"]; ax = r["axis"]
+    assert ax == P["axis"] and hi - lo == round(P["fov_frac"] * r["brain_extent_vox"])
+    ext = np.flatnonzero(m.any(tuple(i for i in range(3) if i != ax)))
+    assert r["brain_extent_vox"] == ext[-1] + 1 - ext[0] and lo > ext[0] and hi < ext[-1] + 1   # the FOV cuts the brain
+    fov = np.zeros(m.shape, bool); fov[(slice(None),) * ax + (slice(lo, hi),)] = True
+    assert np.array_equal(a["mask"], m & fov)                          # outside the FOV: not imaged
+    d = (A - C)[a["mask"]]
+    assert d.min() >= 0 and (d > 0.1 * np.median(C[m])).sum() > 1000   # folding only adds signal, and a lot of it
+
+
+def test_bias_field_strength(artefacts):
+    from scipy import ndimage
+    A, C, m, P = _t1(artefacts, "bias")
+    assert abs(np.log(A[m] / C[m]).std() - P["log_sd"]) < 0.02        # scaled to the drawn log-field sd in the brain
+    core = ndimage.binary_erosion(m, iterations=3)
+    lo = lambda x: np.log(ndimage.gaussian_filter(x, 3)[core]).std()   # low-frequency intensity spread
+    assert lo(A) > 1.5 * lo(C) and P["log_sd"] > 0.18                  # stronger than any site's normal bias
+    _, a, _ = artefacts["bias"]
+    assert a["resolved"]["artefact"]["t1"] == a["resolved"]["artefact"]["flair"]   # one coil for all contrasts
+
+
+def test_artefact_benchmark_annotations(tmp_path, artefacts):
+    "Generated over 2 forked workers after the parent ran torch: subject/slice labels, fastMRI+ study rows, replay."
+    cfg = benchmark_config("tiny", classes=("ghosting", "wrap"), n_healthy=dict(train=1, val=0, test=0))
+    root = generate_benchmark(cfg, tmp_path / "art", progress=False, n_jobs=2)
+    assert verify_benchmark(root) == []
+    subs = benchmark_subjects(root)
+    assert [(s["cls"], s["anomalous"], s["label_voxels"]) for s in subs] == [("healthy", 0, 0), ("ghosting", 1, 0), ("wrap", 1, 0)]
+    rows = list(csv.DictReader(open(root / "slices.csv")))
+    assert all(r["anomalous"] == ("0" if r["cls"] == "healthy" else "1") for r in rows)
+    assert all(load(s["label"]).max() == 0 for s in subs[1:])
+    fm = find_fastmri_brain(root / "fastMRI+", root / "fastMRI+" / "brain.csv")
+    assert sorted((s.id, tuple(s.meta["study_labels"]), s.meta["slices"]) for s in fm) == sorted(
+        (f"file_brain_AX{c.upper()}_{k}-000", (k,), []) for k in ("ghosting", "wrap") for c in cfg.fastmri_contrasts)
+    assert set(json.loads((root / "labels.json").read_text())["classes"]) == {"healthy", *PATHOLOGIES, "ghosting", "wrap"}
+    gen = json.loads((root / "generation.json").read_text())
+    s = next(x for x in gen["subjects"] if x["cls"] == "wrap")
+    v = render_benchmark_subject(cfg, s["params"])
+    assert s["resolved"]["artefact"]["t1"]["fov_vox"] == v["resolved"]["artefact"]["t1"]["fov_vox"]
+    for k, rel in s["files"].items(): np.testing.assert_array_equal(load(root / rel), v[k])

@@ -46,7 +46,8 @@ def test_shapes_and_protocol():
     assert info["outputs"] == ["logvar", "mu", "recon", "z"] and info["encode"] == (3, 8)
     assert info["feature_layers"] == [f"enc{l}" for l in range(5)]
     feats = m.encoder_features(x)
-    assert [tuple(f.shape) for f in feats] == [(3, 4, 32, 32), (3, 8, 16, 16), (3, 8, 8, 8), (3, 16, 4, 4), (3, 16, 2, 2)]
+    # RA's taps: after each level's 2x2 average pooling (in/2 ... in/32), not before it
+    assert [tuple(f.shape) for f in feats] == [(3, 4, 16, 16), (3, 8, 8, 8), (3, 8, 4, 4), (3, 16, 2, 2), (3, 16, 1, 1)]
     o = m(x)
     assert torch.equal(o["z"], o["mu"]) and torch.equal(o["recon"], m.reconstruct(x))  # eval: the posterior mean
     m.train()
@@ -63,9 +64,13 @@ def test_reversed_loss_hand_computed_and_zero():
     loss = reversed_embedding_loss([a, c], [b, d])
     assert loss.item() == pytest.approx(0.5 + 0.25 + 0.5, abs=1e-6)
     loss.backward()
-    # the paper's reading: the input's embedding is pulled to the reconstruction's, which is a fixed target
-    assert b.grad is None and d.grad is None
+    # RA's code (RA_Trainer.py: encode(rec.detach())): the embeddings of both sides receive a gradient
+    assert b.grad.abs().sum() > 0 and d.grad.abs().sum() > 0
     assert a.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
+    for t in (a, b, c, d): t.grad = None
+    # the fixed-target reading: only the input's embedding is pulled
+    reversed_embedding_loss([a, c], [b, d], detach_target=True).backward()
+    assert b.grad is None and d.grad is None and a.grad.abs().sum() > 0
     assert reversed_embedding_loss([a, c], [a, c]).item() == pytest.approx(0.0, abs=1e-6)
 
 

@@ -15,7 +15,7 @@ from uad_study.losses import kl_divergence
 from uad_study.scores import (ANOMALY_MAPS, LPIPS_BACKBONE_FILES, anomaly_map, clahe, describe_map, is_real_lpips,
                               latent_kl, load_lpips, lpips_backbone_path, lpips_map, reconstruction_error,
                               residual_lpips_map, reversed_ae_map, scale_space_aggregate, slice_scores, ssim_map,
-                              subject_scores)
+                              subject_scores, clahe_absolute_map, model_map)
 
 
 def brainish(n=3, size=40, seed=0):
@@ -186,6 +186,7 @@ def test_every_registered_map_runs_on_a_batch(rand_net):
     x, x_hat = brainish(n=2, size=32)
     for name in ANOMALY_MAPS:
         kw = {"net": rand_net} if name in {"lpips", "residual_lpips", "reversed_ae"} else {}
+        if name == "mkd": kw = {"model": MapModel()}
         m, info = anomaly_map(name, x, x_hat, return_info=True, **kw)
         assert m.shape == (2, 32, 32) and m.dtype == np.float32, name
         assert info["map"].startswith(name) and isinstance(info["params"], dict)
@@ -197,6 +198,63 @@ def test_registry_records_parameters_and_rejects_unknown():
     with pytest.raises(UADInputError, match="must be one of"): anomaly_map("l7", np.zeros((1, 8, 8)), np.zeros((1, 8, 8)))
     with pytest.raises(UADInputError, match="unknown parameters"): describe_map("reversed_ae", net=object(), clip=3)
     with pytest.raises(UADInputError, match="needs `net`"): describe_map("residual_lpips")
+
+
+# --- Reversed-AE ablation (Table 3) and model-made maps -------------------------------------------------
+
+def test_clahe_absolute_is_the_equalised_residual():
+    "Zero for identical inputs; |clahe(x_hat) - clahe(x)| with the given CLAHE parameters."
+    a = np.tile(np.linspace(0, 1, 24, dtype=np.float32), (24, 1))[None]
+    b = a.copy(); b[0, 6:12, 6:12] = 1.0
+    assert clahe_absolute_map(a, a).max() == 0
+    for kw in ({}, {"kernel_size": 8, "clip_limit": 0.03, "nbins": 64}):
+        want = np.abs(exposure.equalize_adapthist(b[0], **kw) - exposure.equalize_adapthist(a[0], **kw))
+        got = anomaly_map("clahe_absolute", a, b, **kw)
+        np.testing.assert_allclose(got[0], want, atol=1e-6)
+        assert got.dtype == np.float32 and got[0, 6:12, 6:12].min() > 0.05
+    assert describe_map("clahe_absolute", clip_limit=0.03)["params"] == {"kernel_size": None, "clip_limit": 0.03, "nbins": 256}
+    with pytest.raises(UADInputError, match="shapes differ"): clahe_absolute_map(a, a[:, :8])
+
+
+class MapModel(torch.nn.Module):
+    "A dummy model whose anomaly map is 1 - x (shape (B, 1, H, W)), counting its calls and their batch sizes."
+    def __init__(self, squeeze=False):
+        super().__init__(); self.scale = torch.nn.Parameter(torch.ones(())); self.batches, self.squeeze = [], squeeze
+    def anomaly_map(self, x):
+        assert x.ndim == 4 and x.shape[1] == 1 and not torch.is_grad_enabled() and not self.training
+        self.batches.append(len(x))
+        m = (1 - x) * self.scale
+        return m[:, 0] if self.squeeze else m
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_model_map_calls_the_models_anomaly_map_in_batches(squeeze):
+    x = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    m = MapModel(squeeze).train()
+    got = model_map(x, np.zeros_like(x), m, batch_size=2)   # x_hat is unused
+    np.testing.assert_array_equal(got, 1 - x)
+    assert got.dtype == np.float32 and m.batches == [2, 2, 1] and m.training   # train mode restored
+    assert describe_map("mkd", model=m) == {"map": "mkd", "params": {}}
+    np.testing.assert_array_equal(anomaly_map("mkd", x, x, model=m), 1 - x)
+
+
+def test_study_scoring_gives_mkd_the_trained_model():
+    "study.score_slices passes `model=` to the 'mkd' map (its signature has `model`)."
+    from uad_study.study import score_slices
+    class Recon(MapModel):
+        def reconstruct(self, x): return 0.5 * x
+    x = np.random.default_rng(1).random((3, 8, 8)).astype(np.float32)
+    x_hat, maps = score_slices(Recon(), x, "mkd", device="cpu")
+    np.testing.assert_allclose(x_hat, 0.5 * x, atol=1e-7); np.testing.assert_array_equal(maps, 1 - x)
+
+
+def test_model_map_rejects_models_without_a_map():
+    x = np.zeros((2, 8, 8), np.float32)
+    with pytest.raises(UADInputError, match="anomaly_map.*Linear"): model_map(x, x, torch.nn.Linear(2, 2))
+    with pytest.raises(UADInputError, match="needs the trained `model`"): anomaly_map("mkd", x, x)
+    class Bad(MapModel):
+        def anomaly_map(self, x): return x[:, :, :4]
+    with pytest.raises(UADInputError, match="must return"): model_map(x, x, Bad())
 
 
 # --- eq. 6 ---------------------------------------------------------------------------------------------

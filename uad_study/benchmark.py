@@ -1,4 +1,4 @@
-"""The embedded benchmark, version 2: healthy variability, nine pathology classes, four contrasts, exact labels, in the real datasets' layouts; reproducible from (version, seed, preset).
+"""The embedded benchmark, version 2: healthy variability, nine pathology classes and six MRI artefacts, four contrasts, exact labels, in the real datasets' layouts; reproducible from (version, seed, preset).
 
 Docs: https://uad-study.github.io/uad_study/benchmark.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://uad-study.github.io/uad_study/benchmark.html.md"""
 
 # %% ../nbs/03a_benchmark.ipynb #52a5e489
 from __future__ import annotations
-import csv, functools, gzip, hashlib, io, json, multiprocessing as mp, os, time
+import contextlib, csv, functools, gzip, hashlib, io, json, multiprocessing as mp, os, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,11 +19,12 @@ from .core import UADInputError, atomic_dir, atomic_write_json, config_hash, dat
 from .phantom import deform_templates, mni_tissue_maps, run_subjects, smooth_field
 
 # %% auto #0
-__all__ = ['BENCHMARK_VERSION', 'CONTRASTS', 'HEALTHY_TISSUES', 'TISSUES', 'NORMAL_EXTRAS', 'SEQUENCES', 'CLASSES', 'PATHOLOGIES',
-           'SITES', 'PRESET_NAMES', 'PRESETS', 'PX_MM', 'SPLITS', 'NOTICE', 'tissue_params', 'signal', 'null_ti',
-           'BenchmarkConfig', 'benchmark_config', 'check_benchmark_config', 'benchmark_dir', 'bench_templates',
-           'draw_benchmark_subject', 'render_benchmark_subject', 'plan_benchmark', 'slice_boxes', 'generate_benchmark',
-           'read_manifest', 'verify_benchmark', 'ensure_benchmark', 'benchmark_subjects']
+__all__ = ['BENCHMARK_VERSION', 'CONTRASTS', 'HEALTHY_TISSUES', 'TISSUES', 'NORMAL_EXTRAS', 'SEQUENCES', 'ARTEFACTS', 'CLASSES',
+           'PATHOLOGIES', 'SITES', 'PRESET_NAMES', 'PRESETS', 'PX_MM', 'SPLITS', 'NOTICE', 'tissue_params', 'signal',
+           'null_ti', 'BenchmarkConfig', 'benchmark_config', 'check_benchmark_config', 'benchmark_dir',
+           'bench_templates', 'draw_benchmark_subject', 'render_benchmark_subject', 'draw_artefact', 'wrap_around',
+           'apply_artefact', 'plan_benchmark', 'slice_boxes', 'generate_benchmark', 'read_manifest', 'verify_benchmark',
+           'ensure_benchmark', 'benchmark_subjects']
 
 # %% ../nbs/03a_benchmark.ipynb #29e691a7
 BENCHMARK_VERSION = "2"
@@ -72,6 +73,7 @@ def null_ti(t1: float, tr: float) -> float:
     return float(t1 * np.log(2 / (1 + np.exp(-tr / t1))))
 
 # %% ../nbs/03a_benchmark.ipynb #7988ec80
+ARTEFACTS = ("motion", "spike", "ghosting", "gibbs", "wrap", "bias")   # global MRI artefacts: a subject-level label only
 CLASSES = {   # name: id, layout, {label value: compartment}
     "healthy":            dict(id=0, layout="IXI", labels={}),
     "glioma":             dict(id=1, layout="BraTS2020", labels={1: "necrosis", 2: "oedema", 4: "enhancing"}),
@@ -83,8 +85,14 @@ CLASSES = {   # name: id, layout, {label value: compartment}
     "intensity_ellipses": dict(id=7, layout="UADBench", labels={1: "hypo", 2: "mean", 3: "hyper"}),
     "copy_paste":         dict(id=8, layout="UADBench", labels={1: "patch"}),
     "shapes":             dict(id=9, layout="UADBench", labels={1: "rectangle", 2: "ellipse"}),
+    "motion":             dict(id=10, layout="UADBench", labels={}),   # rigid head motion during the scan
+    "spike":              dict(id=11, layout="UADBench", labels={}),   # a k-space spike: herringbone stripes
+    "ghosting":           dict(id=12, layout="UADBench", labels={}),   # discrete ghosts along the phase-encode axis
+    "gibbs":              dict(id=13, layout="UADBench", labels={}),   # k-space truncation: ringing at edges
+    "wrap":               dict(id=14, layout="UADBench", labels={}),   # wrap-around (aliasing) of a too small FOV
+    "bias":               dict(id=15, layout="UADBench", labels={}),   # a strong bias field
 }
-PATHOLOGIES = tuple(c for c in CLASSES if c != "healthy")
+PATHOLOGIES = tuple(c for c in CLASSES if c != "healthy" and c not in ARTEFACTS)
 SITES = {   # IXI's three scanners; ranges are drawn U(lo, hi) per subject (and per contrast where it applies)
     "Guys": dict(field_t=1.5, gamma=(0.95, 1.05), psf_mm=(0.4, 0.7), slice_mm=(1.0, 2.0), bias_sd=(0.05, 0.10),
                  noise_sd=(0.015, 0.030), timing_jitter=0.05),
@@ -95,7 +103,7 @@ SITES = {   # IXI's three scanners; ranges are drawn U(lo, hi) per subject (and 
 }
 
 # %% ../nbs/03a_benchmark.ipynb #515ac2a7
-PRESET_NAMES = ("easy", "standard", "hard", "smoke", "tiny")
+PRESET_NAMES = ("easy", "standard", "hard", "smoke", "tiny", "standard-artefacts", "smoke-artefacts")
 
 @dataclass
 class BenchmarkConfig:
@@ -105,7 +113,7 @@ class BenchmarkConfig:
     seed: int = 0                      # master seed: subject i of class k draws from (seed, class id, i)
     spacing_mm: float = 1.0            # voxel edge on the MNI152 2009a grid (1 mm: 197x233x189)
     contrasts: tuple = CONTRASTS       # contrasts written per subject
-    classes: tuple = PATHOLOGIES       # pathology classes generated
+    classes: tuple = PATHOLOGIES       # classes generated besides healthy: names from PATHOLOGIES and ARTEFACTS
     n_healthy: dict = field(default_factory=lambda: dict(train=30, val=4, test=6))
     n_per_class: dict = field(default_factory=lambda: dict(val=1, test=4))
     lesion_scale: float = 1.0          # x size of every lesion (not of the paper-defined synthetic anomalies)
@@ -129,6 +137,8 @@ PRESETS = {
     "tiny": BenchmarkConfig(preset="tiny", spacing_mm=2.0, n_healthy=dict(train=3, val=1, test=1),
                             n_per_class=dict(val=0, test=1)),    # unit tests (~10 s)
 }
+PRESETS.update({f"{p}-artefacts": replace(PRESETS[p], preset=f"{p}-artefacts", classes=PATHOLOGIES + ARTEFACTS)
+                for p in ("standard", "smoke")})   # + the six artefact classes; the same other subjects
 
 def benchmark_config(preset: str | BenchmarkConfig = "standard",  # a name from PRESETS or a config
                      **overrides,                                 # fields to change (seed=, spacing_mm=, ...)
@@ -149,8 +159,8 @@ def check_benchmark_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
     if not c or len(set(c)) != len(c) or not set(c) <= set(CONTRASTS):
         raise UADInputError(f"`contrasts` must be distinct names from {CONTRASTS}", c)
     if not set(cfg.fastmri_contrasts) <= set(c): raise UADInputError("`fastmri_contrasts` must be among `contrasts`", cfg.fastmri_contrasts)
-    k = tuple(cfg.classes)
-    if len(set(k)) != len(k) or not set(k) <= set(PATHOLOGIES): raise UADInputError(f"`classes` must be distinct names from {PATHOLOGIES}", k)
+    k, known = tuple(cfg.classes), PATHOLOGIES + ARTEFACTS
+    if len(set(k)) != len(k) or not set(k) <= set(known): raise UADInputError(f"`classes` must be distinct names from {known}", k)
     if set(cfg.n_healthy) != {"train", "val", "test"} or not all(isinstance(v, int) and 0 <= v <= 600 for v in cfg.n_healthy.values()):
         raise UADInputError("`n_healthy` must be {'train', 'val', 'test'} -> int in [0, 600]", cfg.n_healthy)
     if set(cfg.n_per_class) != {"val", "test"} or not all(isinstance(v, int) and 0 <= v <= 99 for v in cfg.n_per_class.values()):
@@ -262,7 +272,7 @@ def _draw_pathology(cfg: BenchmarkConfig, cls: str, index: int, rng) -> dict:
     raise UADInputError(f"class must be one of {PATHOLOGIES}", cls)
 
 def draw_benchmark_subject(cfg: BenchmarkConfig,  # the benchmark's config
-                           cls: str,              # "healthy" or a name from PATHOLOGIES
+                           cls: str,              # "healthy" or a name from PATHOLOGIES or ARTEFACTS
                            index: int,            # 0-based index within its class
                            split: str = "test",   # "train", "val" or "test" (the test split drifts by `test_shift`)
                            ) -> dict:
@@ -278,9 +288,10 @@ def draw_benchmark_subject(cfg: BenchmarkConfig,  # the benchmark's config
              field_seed=int(rng.integers(2**62)), age=_r(age, 3), atrophy=_r(cfg.atrophy_per_year * (age - 20) * rng.uniform(0.7, 1.3)),
              ventricle_mm=_r(cfg.ventricle_mm_per_year * (age - 20) * rng.uniform(0.7, 1.3)), tissue_jitter=jit,
              scanner=_scanner(cfg, rng, site, shift))
-    if cls != "healthy": p["pathology"] = _draw_pathology(cfg, cls, index, rng)
+    if cls in PATHOLOGIES: p["pathology"] = _draw_pathology(cfg, cls, index, rng)
     p["pv_cap_mm"] = _r(rng.uniform(0.5, 2.5))   # normal periventricular cap thickness
     p["residue"] = _r(rng.uniform(0.0, 1.0))     # amount of skull-stripping residue (0: clean)
+    if cls in ARTEFACTS: p["artefact"] = draw_artefact(cls, rng)   # last: the anatomy draws as a healthy subject's do
     return p
 
 # %% ../nbs/03a_benchmark.ipynb #bbe74d9b
@@ -535,9 +546,11 @@ def render_benchmark_subject(cfg: BenchmarkConfig, params: dict) -> dict:
         img[c] = I.astype(np.float32)
     # 4. synthetic anomalies of the seed papers
     if cls in ("intensity_ellipses", "copy_paste", "shapes"): res = _synthetic(cfg, P, cls, img, brain, depth, s, lab)
-    # 5. noise and storage
+    # 5. noise, the artefact (artefact classes only) and storage
     out = dict(mask=np.zeros(shape, bool), label=np.zeros(shape, np.uint8), resolved=_to_full(res, lo))
     out["mask"][box] = brain; out["label"][box] = lab
+    art = params.get("artefact")
+    full_brain = out["mask"].copy() if art else None
     for c in cfg.contrasts:
         q = params["scanner"][c]
         sig = img[c][brain]
@@ -545,9 +558,129 @@ def render_benchmark_subject(cfg: BenchmarkConfig, params: dict) -> dict:
         n1 = nrng.standard_normal(sig.size, dtype=np.float32) * np.float32(q["noise_sd"])
         n2 = nrng.standard_normal(sig.size, dtype=np.float32) * np.float32(q["noise_sd"])
         val = np.sqrt((sig + n1) ** 2 + n2 ** 2) * np.float32(cfg.scale * q["gain"])
+        if art:
+            out[c], imaged, r = _with_artefact(cls, art[c], val, box, brain, full_brain, s)
+            out["mask"] &= imaged
+            if r: out["resolved"].setdefault("artefact", {})[c] = r
+            continue
         v = np.zeros(sub, np.int16); v[brain] = np.clip(np.rint(val), 1, np.iinfo(np.int16).max)
         out[c] = np.zeros(shape, np.int16); out[c][box] = v
     return out
+
+# %% ../nbs/03a_benchmark.ipynb #180f9665
+def _motion_times(rng, n: int, perturbation: float = 0.3) -> list:
+    "TorchIO RandomMotion's times: `n` movements evenly spaced in (0, 1), each moved by up to `perturbation` x the spacing."
+    step = 1 / (n + 1)
+    return [_r(k * step + rng.uniform(-perturbation * step, perturbation * step), 4) for k in range(1, n + 1)]
+
+def draw_artefact(cls: str,                  # a name from ARTEFACTS
+                  rng: np.random.Generator,  # the subject's generator
+                  ) -> dict:
+    "Random parameters of artefact `cls` per contrast (TorchIO's random half): JSON for `apply_artefact`."
+    if cls not in ARTEFACTS: raise UADInputError(f"artefact must be one of {ARTEFACTS}", cls)
+    def one():
+        if cls == "motion":
+            n = int(rng.integers(2, 5))
+            return dict(axis=int(rng.integers(2)), degrees=np.round(rng.uniform(-4, 4, (n, 3)), 4).tolist(),
+                        translation=np.round(rng.uniform(-4, 4, (n, 3)), 4).tolist(), times=_motion_times(rng, n))
+        if cls == "spike":
+            n = int(rng.integers(1, 3)); r, th = rng.uniform(0.06, 0.30, n), rng.uniform(0, 2 * np.pi, n)
+            pos = np.stack([0.5 + r * np.cos(th), 0.5 + r * np.sin(th), 0.5 + rng.uniform(-0.05, 0.05, n)], 1)
+            return dict(spikes_positions=np.round(pos, 6).tolist(), intensity=_r(rng.uniform(0.20, 0.45), 4))
+        if cls == "ghosting":
+            return dict(num_ghosts=int(rng.integers(2, 5)), axis=int(rng.integers(2)), intensity=_r(rng.uniform(0.7, 0.95), 4),
+                        restore=0.02)
+        if cls == "gibbs": return dict(alpha=_r(rng.uniform(0.55, 0.68), 4))
+        if cls == "wrap":
+            return dict(axis=int(rng.integers(2)), fov_frac=_r(rng.uniform(0.80, 0.92), 4), centre_offset=_r(rng.uniform(-0.05, 0.05), 4))
+        return dict(order=3, coefficients=[0.0, *np.round(rng.uniform(-1, 1, 19), 6).tolist()], log_sd=_r(rng.uniform(0.30, 0.45), 4))
+    if cls in ("wrap", "bias"):                  # one planning, one receive coil: shared by the contrasts
+        shared = one()
+        return {c: dict(shared) for c in CONTRASTS}
+    return {c: one() for c in CONTRASTS}         # one acquisition per contrast
+
+# %% ../nbs/03a_benchmark.ipynb #63c3e6f7
+def wrap_around(img: np.ndarray,  # (X, Y, Z) image
+                axis: int,        # the phase-encode axis
+                lo: int,          # first voxel of the field of view along `axis`
+                n: int,           # its length, voxels (lo + n <= img.shape[axis])
+                ) -> np.ndarray:
+    "Aliasing into the FOV [lo, lo + n) along `axis`: each voxel adds onto the FOV voxel congruent to it modulo n; 0 outside the FOV."
+    if not (0 <= lo and 1 <= n and lo + n <= img.shape[axis]):
+        raise UADInputError(f"the FOV [lo, lo + n) must lie in [0, {img.shape[axis]}) along axis {axis}", (lo, n))
+    x = np.moveaxis(img, axis, 0)
+    out = np.zeros_like(x)
+    for i in range(x.shape[0]): out[lo + (i - lo) % n] += x[i]
+    return np.moveaxis(out, 0, axis)
+
+# %% ../nbs/03a_benchmark.ipynb #7662af13
+@contextlib.contextmanager
+def _torch_one_thread():
+    "torch, with one thread inside the block (forked workers hang in a thread pool the parent started)."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try: yield torch
+    finally: torch.set_num_threads(n)
+
+def _tio(img: np.ndarray, transform, affine: np.ndarray) -> np.ndarray:
+    "A TorchIO transform applied to one 3D float image with `affine`."
+    import torch, torchio as tio
+    s = tio.Subject(im=tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(img, np.float32)[None]), affine=affine))
+    return transform(s)["im"].data[0].numpy()
+
+@functools.lru_cache(maxsize=2)
+def _bias_field(shape: tuple, order: int, coefficients: tuple) -> np.ndarray:
+    "TorchIO's bias field exp(polynomial) on a grid of `shape` (cached: the contrasts of a subject share it)."
+    from torchio.transforms.augmentation.intensity.random_bias_field import BiasField
+    f = BiasField.generate_bias_field(np.empty((1, *shape), np.float32), order, coefficients)
+    f.setflags(write=False)
+    return f
+
+# %% ../nbs/03a_benchmark.ipynb #8f80b480
+def apply_artefact(img: np.ndarray,    # (X, Y, Z) float image on the whole grid, 0 outside the brain
+                   brain: np.ndarray,  # (X, Y, Z) bool brain mask (wrap: the extent; bias: where the strength is measured)
+                   cls: str,           # a name from ARTEFACTS
+                   P: dict,            # one contrast's parameters from `draw_artefact`
+                   spacing_mm: float,  # voxel edge, mm (motion's translations are in mm)
+                   ) -> tuple:
+    "Artefact `cls` with parameters `P` (TorchIO's deterministic half): image, imaged region (bool), resolved values."
+    if img.ndim != 3 or img.shape != brain.shape: raise UADInputError("`img` and `brain` must be 3D of one shape", (img.shape, brain.shape))
+    if cls not in ARTEFACTS: raise UADInputError(f"artefact must be one of {ARTEFACTS}", cls)
+    A, imaged, res = np.diag([float(spacing_mm)] * 3 + [1.0]), np.ones(img.shape, bool), {}
+    with _torch_one_thread() as torch:
+        import torchio as tio
+        if cls == "motion":      # TorchIO cuts k-space along the last axis: put the phase-encode axis there
+            k = P["axis"]; Ap = np.eye(4); Ap[:3, :3] = A[:3, :3][:, [a for a in range(3) if a != k] + [k]]
+            t = tio.Motion(np.asarray(P["degrees"]), np.asarray(P["translation"]), np.asarray(P["times"]), "linear")
+            out = np.moveaxis(_tio(np.moveaxis(img, k, 2), t, Ap), 2, k)
+        elif cls == "spike": out = _tio(img, tio.Spike(np.asarray(P["spikes_positions"]), P["intensity"]), A)
+        elif cls == "ghosting": out = _tio(img, tio.Ghosting(P["num_ghosts"], P["axis"], P["intensity"], P["restore"]), A)
+        elif cls == "gibbs":
+            from monai.transforms.intensity.array import GibbsNoise
+            out = np.asarray(GibbsNoise(P["alpha"])(torch.from_numpy(np.ascontiguousarray(img, np.float32)[None]))[0])
+        elif cls == "wrap":
+            k = P["axis"]; idx = np.flatnonzero(brain.any(tuple(a for a in range(3) if a != k)))
+            ext = int(idx[-1] + 1 - idx[0]); n = int(round(P["fov_frac"] * ext))
+            lo = min(max(int(round((idx[0] + idx[-1] + 1 - n) / 2 + P["centre_offset"] * ext)), 0), img.shape[k] - n)
+            out = wrap_around(img, k, lo, n)
+            imaged[:] = False; imaged[(slice(None),) * k + (slice(lo, lo + n),)] = True
+            res = dict(axis=k, fov_vox=[lo, lo + n], brain_extent_vox=ext)
+        elif cls == "bias":
+            half = brain[::2, ::2, ::2]
+            sd = float(np.log(_bias_field(half.shape, P["order"], tuple(P["coefficients"])).astype(np.float64))[half].std())
+            c = tuple(round(float(v) * P["log_sd"] / sd, 6) for v in P["coefficients"])
+            out = img * _bias_field(img.shape, P["order"], c)       # = tio.BiasField(c, order)
+            res = dict(coefficients=list(c))
+    return np.asarray(out, np.float32), imaged, res
+
+# %% ../nbs/03a_benchmark.ipynb #8a0f9b65
+def _with_artefact(cls: str, P: dict, val: np.ndarray, box: tuple, brain: np.ndarray, full_brain: np.ndarray, s: float) -> tuple:
+    "One contrast of an artefact subject: brain values `val` (inside `brain` of `box`) on the grid, artefact, skull-stripping, int16."
+    img = np.zeros(full_brain.shape, np.float32); img[box][brain] = val
+    img, imaged, res = apply_artefact(img, full_brain, cls, P, s)
+    keep = full_brain & imaged
+    v = np.zeros(img.shape, np.int16); v[keep] = np.clip(np.rint(img[keep]), 1, np.iinfo(np.int16).max)
+    return v, imaged, res
 
 # %% ../nbs/03a_benchmark.ipynb #0be3fe95
 _MSLUB = "N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
@@ -667,14 +800,16 @@ def _tables(cfg: BenchmarkConfig, plan: list, stats: list) -> dict:
     "The annotation tables: subjects.csv, slices.csv, split.csv, fastMRI+/brain.csv (relative path -> text)."
     subj, sl, fm = [], [], []
     for sub, st in zip(plan, stats):
-        p = sub["params"]
+        p, art = sub["params"], sub["cls"] in ARTEFACTS   # artefacts: global, a subject-level label
         subj.append(dict(id=sub["id"], cls=sub["cls"], class_id=sub["class_id"], split=sub["split"], layout=sub["layout"],
                          layout_id=sub["layout_id"], site=p["site"], field_t=p["field_t"], scanner_shift=p["shift"], age=p["age"],
-                         anomalous=int(st["label_voxels"] > 0), brain_voxels=st["brain_voxels"], label_voxels=st["label_voxels"],
+                         anomalous=int(st["label_voxels"] > 0 or art), brain_voxels=st["brain_voxels"], label_voxels=st["label_voxels"],
                          **{c: sub["files"].get(c, "") for c in CONTRASTS}, label=sub["files"].get("label", "")))
-        sl += [dict(id=sub["id"], cls=sub["cls"], split=sub["split"], slice=z, brain_voxels=b, label_voxels=l, anomalous=int(l > 0))
+        sl += [dict(id=sub["id"], cls=sub["cls"], split=sub["split"], slice=z, brain_voxels=b, label_voxels=l, anomalous=int(l > 0 or art))
                for z, b, l in st["slices"]]
         for c in cfg.fastmri_contrasts if sub["cls"] != "healthy" else ():
+            if art: fm.append(dict(file=f"file_brain_AX{c.upper()}_{sub['id']}", slice="", study_level="Yes", x="", y="", width="",
+                                   height="", label=sub["cls"], subject=sub["id"]))   # fastMRI+'s study-level row
             fm += [dict(file=f"file_brain_AX{c.upper()}_{sub['id']}", slice=z, study_level="No", x=x, y=y, width=w, height=h,
                         label=sub["cls"], subject=sub["id"]) for z, x, y, w, h in st["boxes"]]
     cols = ["id", "cls", "class_id", "split", "layout", "layout_id", "site", "field_t", "scanner_shift", "age", "anomalous",
@@ -703,7 +838,8 @@ def generate_benchmark(cfg: BenchmarkConfig,        # what to generate (see `ben
             stats = _run(cfg, plan, tmp, progress, n_jobs)
             files = {rel: v for st in stats for rel, v in st["files"].items()}
             texts = _tables(cfg, plan, stats)
-            texts["labels.json"] = to_json(dict(classes=CLASSES, tissues=TISSUES, sequences=SEQUENCES, sites=SITES)) + "\n"
+            known = {k: v for k, v in CLASSES.items() if k not in ARTEFACTS or k in cfg.classes}   # pathology configs: as before
+            texts["labels.json"] = to_json(dict(classes=known, tissues=TISSUES, sequences=SEQUENCES, sites=SITES)) + "\n"
             texts["NOTICE.txt"] = NOTICE.format(v=BENCHMARK_VERSION) + "\n"
             texts["generation.json"] = to_json(dict(
                 version=BENCHMARK_VERSION, generator="uad_study.benchmark", config=cfg, config_hash=config_hash(cfg),

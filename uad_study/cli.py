@@ -16,7 +16,7 @@ from .core import UADInputError
 __all__ = ['STUDIES', 'EXAMPLES', 'study_spec', 'add_study_options', 'build_parser', 'study_overrides', 'main']
 
 # %% ../nbs/14_cli.ipynb #af862905
-STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae"}
+STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae", "reversed": "uad_study.study_reversed"}
 
 EXAMPLES = {
     "demo": ["uad-study demo                                   # quickstart on the embedded phantom (2 CPU cores: ~6 min)",
@@ -28,6 +28,10 @@ EXAMPLES = {
                "uad-study trivae --profile paper --train ixi:/data/IXI-T2-hdbet --test brats:/data/MICCAI_BraTS2020_TrainingData",
                "torchrun --standalone --nproc_per_node 4 -m uad_study.cli trivae --profile paper \\\n"
                "      --train ixi:/data/IXI-T2-hdbet --test brats:/data/MICCAI_BraTS2020_TrainingData"],
+    "reversed": ["uad-study reversed                                # smoke profile: every pathology and artefact class (minutes)",
+                 "uad-study reversed --profile cpu                  # RA vs SI-VAE vs baselines on 2 CPU cores (~45 min)",
+                 "uad-study reversed --profile paper --train ixi:/data/IXI-T1 \\\n"
+                 "      --test 'nifti:/data/fastmri-t1,images=*/t1.nii.gz,labels=*/mask.nii.gz' --lpips-weights ~/squeezenet1_1-b8a52dc0.pth"],
 }
 
 def _choices(spec) -> dict:

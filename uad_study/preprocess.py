@@ -348,6 +348,8 @@ RECIPES: dict[str, SliceRecipe] = {r.name: r for r in [
     SliceRecipe(name="tri-vae-v1", modality="t2", resolution=256, norm_high=99.0, clip=True, brain_extraction="HD-BET"),
     SliceRecipe(name="reversed-ae-v1", modality="t1", resolution=128, norm_high=98.0, clip=False,
                 slice_select="middle"),
+    SliceRecipe(name="reversed-ae-band-v1", modality="t1", resolution=128, norm_high=98.0, clip=False,
+                slice_range=(0.4, 0.6)),   # the middle slice widened to the middle 20 % (benchmark lesions lie anywhere)
     SliceRecipe(name="thesis-v1", modality="t1", resolution=128, norm="minmax", clip=True,
                 smoothing="curvature_flow", smoothing_iterations=5, smoothing_time_step=0.05,
                 pad_to=(140, 190, 158), clip_percentiles=(1.0, 99.0), volume_scale=0.5),

@@ -1,4 +1,4 @@
-"""Anomaly maps (residual, SSIM, LPIPS-weighted, Reversed-AE eq. 5, scale-space eq. 6), a registry to pick them by name, and slice- and subject-level scores.
+"""Anomaly maps (residual, SSIM, LPIPS-weighted, Reversed-AE eq. 5 and its equalised-residual ablation, scale-space eq. 6, a model's own map), a registry to pick them by name, and slice- and subject-level scores.
 
 Docs: https://uad-study.github.io/uad_study/scores.html.md"""
 
@@ -21,8 +21,9 @@ from .inference import residual
 
 # %% auto #0
 __all__ = ['LPIPS_BACKBONE_FILES', 'ANOMALY_MAPS', 'ssim_index_map', 'ssim_map', 'clahe', 'lpips_backbone_path', 'load_lpips',
-           'is_real_lpips', 'lpips_map', 'residual_lpips_map', 'reversed_ae_map', 'scale_space_aggregate',
-           'describe_map', 'anomaly_map', 'slice_scores', 'reconstruction_error', 'latent_kl', 'subject_scores']
+           'is_real_lpips', 'lpips_map', 'residual_lpips_map', 'reversed_ae_map', 'clahe_absolute_map',
+           'scale_space_aggregate', 'model_map', 'describe_map', 'anomaly_map', 'slice_scores', 'reconstruction_error',
+           'latent_kl', 'subject_scores']
 
 # %% ../nbs/09_scores.ipynb #d5660918
 def _stack(x, name: str = "x") -> np.ndarray:
@@ -172,6 +173,16 @@ def reversed_ae_map(x, x_hat, net: torch.nn.Module,
     p_eq = _smooth(lpips_map(eb, ea, net, batch_size, device), smooth_sigma)
     return np.abs(eb - ea) * p_raw * p_eq
 
+# %% ../nbs/09_scores.ipynb #79ace02d
+def clahe_absolute_map(x, x_hat,
+                       kernel_size: int | None = None,  # CLAHE tile edge, pixels; None: 1/8 of the slice (`clahe`)
+                       clip_limit: float = 0.01,        # CLAHE contrast clip limit (`clahe`)
+                       nbins: int = 256,                # CLAHE histogram bins (`clahe`)
+                       ) -> np.ndarray:
+    "Equalised residual |eq(x_hat) - eq(x)| (N, H, W) float32: the Reversed-AE map without its LPIPS terms."
+    a, b = _pair(x, x_hat)
+    return np.abs(clahe(b, kernel_size, clip_limit, nbins) - clahe(a, kernel_size, clip_limit, nbins))
+
 # %% ../nbs/09_scores.ipynb #02f1ae57
 def scale_space_aggregate(residuals: list,          # per level, finest first: (N, H_k, W_k) arrays (or (H_k, W_k))
                           mode: str = "bilinear",   # upsampling u(.): 'bilinear' (the paper's) or 'nearest'
@@ -190,6 +201,34 @@ def scale_space_aggregate(residuals: list,          # per level, finest first: (
         acc = F.interpolate(acc, size=r.shape[1:], mode=mode, **kw) + torch.from_numpy(r)[:, None]
     return acc[:, 0].numpy().astype(np.float32)
 
+# %% ../nbs/09_scores.ipynb #27854376
+@torch.no_grad()
+def model_map(x, x_hat,
+              model: torch.nn.Module | None = None,  # trained model with `anomaly_map(x: (B,1,H,W)) -> (B,[1,]H,W)`
+              batch_size: int = 32,
+              device: str | None = None,  # None: the model's own device (where its first parameter lies, else CPU)
+              ) -> np.ndarray:
+    "The model's own anomaly map (N, H, W) float32 of the input slices (`model.anomaly_map`); `x_hat` is unused."
+    a, _ = _pair(x, x_hat)
+    if model is None: raise UADInputError("this anomaly map needs the trained `model` (pass model=...)", None)
+    if not callable(getattr(model, "anomaly_map", None)):
+        raise UADInputError("model must have an `anomaly_map(x)` method", type(model).__name__)
+    p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    dev = get_device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module): model.to(dev).eval()
+    out = np.empty(a.shape, np.float32)
+    try:
+        for i in range(0, len(a), batch_size):
+            m = torch.as_tensor(model.anomaly_map(torch.from_numpy(a[i:i + batch_size]).to(dev)[:, None]))
+            if m.ndim == 4 and m.shape[1] == 1: m = m[:, 0]
+            if tuple(m.shape) != (len(a[i:i + batch_size]), *a.shape[1:]):
+                raise UADInputError("model.anomaly_map must return (B, 1, H, W) or (B, H, W) of its input's size", tuple(m.shape))
+            out[i:i + len(m)] = m.float().cpu().numpy()
+    finally:
+        if isinstance(model, torch.nn.Module): model.train(was_training)
+    return out
+
 # %% ../nbs/09_scores.ipynb #eab1b96d
 ANOMALY_MAPS: dict[str, Callable] = {
     "absolute": lambda x, x_hat, **kw: residual(*_pair(x, x_hat), "absolute"),
@@ -199,6 +238,8 @@ ANOMALY_MAPS: dict[str, Callable] = {
     "lpips": lpips_map,
     "residual_lpips": residual_lpips_map,
     "reversed_ae": reversed_ae_map,
+    "clahe_absolute": clahe_absolute_map,  # Reversed-AE Table 3 "w/o PL"
+    "mkd": model_map,                      # the model's own map (MKD: Salehi et al. 2021), given `model=`
 }
 _PERCEPTUAL = {"lpips", "residual_lpips", "reversed_ae"}
 _NOT_RECORDED = {"net", "batch_size", "device", "model"}  # do not change the numbers (net is recorded by its label; model: maps that use the trained model)

@@ -36,7 +36,7 @@ from .figures import plot_panels, plot_pr_curves, plot_training_curves, round_ta
 # %% auto #0
 __all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'DataSource', 'parse_source', 'source_subjects',
            'RunPart', 'DataPart', 'TrainPart', 'EvalPart', 'field_docs', 'compose_config', 'config_parts', 'ModelSpec',
-           'StudySpec', 'model_row', 'make_config', 'validate_config', 'train_config', 'select_subjects',
+           'StudySpec', 'model_row', 'map_name', 'make_config', 'validate_config', 'train_config', 'select_subjects',
            'subject_volumes', 'uses_mm', 'accumulate_maps', 'threshold_protocols', 'evaluate_maps', 'protocol_rows',
            'protocols_record', 'score_slices', 'write_split_csv', 'environment_info', 'write_maps', 'example_slices',
            'slices_with_subjects', 'StudyContext', 'study_config_record', 'study_recipe', 'prepare_study',
@@ -237,6 +237,8 @@ class ModelSpec:
     fit: Callable | None = None           # (model, data, cfg, ckpt_dir, resume, progress) -> history; None: one train_model call
     map_kwargs: Callable = lambda cfg: {} # cfg -> extra arguments of the anomaly map
     train_data: Callable | None = None    # SliceSet -> what the engine trains on (array or dict of arrays); None: the slices
+    anomaly_map: Callable | None = None   # cfg -> this model's map name (ANOMALY_MAPS); None: the config's anomaly_map
+    weights_of: str = ""                  # another model of the study whose trained weights this one uses (no training): map ablations
 
 @dataclass
 class StudySpec:
@@ -249,6 +251,7 @@ class StudySpec:
     tables: Callable | None = None        # (table, cfg) -> {file stem: DataFrame} (ours beside the paper's)
     figures: Callable | None = None       # (StudyContext) -> list of figure paths
     validate: Callable | None = None      # cfg -> None; raises UADInputError for a chapter's own rules
+    evaluate: Callable | None = None      # (StudyContext, name) -> None: the chapter's own evaluation of a scored model
     summary_columns: tuple = ("model", "postprocess", "protocol", "auroc", "auprc", "prevalence", "threshold", "dice",
                               "dice_subject_mean")
 
@@ -256,6 +259,10 @@ class StudySpec:
 def model_row(ms: ModelSpec, cfg) -> dict:
     "The extra result columns of a model under `cfg`."
     return ms.row(cfg) if callable(ms.row) else dict(ms.row)
+
+def map_name(ms: ModelSpec, cfg) -> str:
+    "The anomaly map a model is scored with: its own, or the config's."
+    return ms.anomaly_map(cfg) if ms.anomaly_map is not None else cfg.anomaly_map
 
 def make_config(spec: StudySpec, profile: str | None = None, **overrides):
     "The config of `profile` (default: the first) with `overrides` (None values ignored; unknown keys are an error)."
@@ -296,11 +303,17 @@ def validate_config(spec: StudySpec, cfg) -> dict[str, DataSource]:
            "the val_greedy protocol needs anomalous validation subjects: set val_anomalous", cfg.val_anomalous)
     unknown = [m for m in cfg.models if m not in spec.models]
     _check(not unknown and len(cfg.models) > 0, f"models must be some of {list(spec.models)}", list(cfg.models))
+    for i, m in enumerate(cfg.models):
+        ms = spec.models[m]
+        _check(map_name(ms, cfg) in ANOMALY_MAPS, f"model {m}: anomaly map must be one of {sorted(ANOMALY_MAPS)}", map_name(ms, cfg))
+        _check(not ms.weights_of or ms.weights_of in cfg.models[:i],
+               f"model {m} uses the weights of {ms.weights_of!r}: list that model before it in models", list(cfg.models))
     sources = {r: parse_source(getattr(cfg, r), r) for r in ROLES if getattr(cfg, r)}
     TrainConfig(**_train_kwargs(cfg))                          # the engine's own checks (schedule, amp, ...)
     if spec.validate: spec.validate(cfg)
     with torch.device("meta"):
-        for m in cfg.models: spec.models[m].build(cfg)        # constructors check sizes; nothing is allocated
+        for m in cfg.models:
+            if not spec.models[m].weights_of: spec.models[m].build(cfg)   # constructors check sizes; nothing is allocated
     return sources
 
 def _train_kwargs(cfg, **fixed) -> dict:
@@ -516,12 +529,17 @@ class StudyContext:
         return f"{c.profile}: {self.data['info']['source']}, {c.modality} {c.resolution}x{c.resolution}, {c.space} voxels"
 
 # %% ../nbs/13_study.ipynb #5c8abe48
+def _model_record(ms: ModelSpec, cfg) -> dict:
+    "A model's entry of config.json: its description, row, anomaly map and (map ablations) whose weights it uses."
+    rec = ms.describe(cfg) | {"row": model_row(ms, cfg), "anomaly_map": describe_map(map_name(ms, cfg), **ms.map_kwargs(cfg))}
+    return rec | ({"weights_of": ms.weights_of} if ms.weights_of else {})
+
 def study_config_record(spec: StudySpec, cfg, sources: dict, device) -> dict:
     "config.json: the parts, the sources, the recipe's steps, each model, training, post-processing and protocols."
     recipe = study_recipe(cfg)
     return {"study": spec.name, "title": spec.title, **config_parts(cfg),
             "sources": {r: str(s) for r, s in sources.items()}, "preprocessing": recipe.steps(), "recipe": asdict(recipe),
-            "models_detail": {m: spec.models[m].describe(cfg) | {"row": model_row(spec.models[m], cfg)} for m in cfg.models},
+            "models_detail": {m: _model_record(spec.models[m], cfg) for m in cfg.models},
             "training_detail": {m: asdict(train_config(cfg, **spec.models[m].train_overrides)) for m in cfg.models},
             "anomaly_map": describe_map(cfg.anomaly_map),
             "postprocessing": {p: postprocess_steps(PRESETS[p]) for p in cfg.postprocess},   # mm presets: voxel sizes per subject in metrics.json
@@ -573,6 +591,10 @@ def load_study_data(ctx: StudyContext) -> None:
 def train_study_model(ctx: StudyContext, name: str) -> list[dict]:
     "Build, train (or resume) model `name`; returns its per-epoch history."
     ms, cfg = ctx.spec.models[name], ctx.cfg
+    if ms.weights_of:                                     # a map ablation: the other model's weights, no training
+        ctx.models[name] = ctx.models[ms.weights_of]
+        ctx.outputs[name] = {"history": ctx.outputs[ms.weights_of]["history"]}
+        return ctx.outputs[name]["history"]
     seed_everything(cfg.seed)
     model = ms.build(cfg)
     ckpt = ctx.out / "models" / name
@@ -590,8 +612,8 @@ def train_study_model(ctx: StudyContext, name: str) -> list[dict]:
 def evaluate_study_model(ctx: StudyContext, name: str) -> list[dict]:
     "Score model `name` on every role, evaluate every preset and protocol, write the main preset's maps; returns its rows."
     cfg, ms, model, out = ctx.cfg, ctx.spec.models[name], ctx.models[name], ctx.outputs[name]
-    kw = ms.map_kwargs(cfg)
-    score = lambda k, **a: score_slices(model, ctx.sets[k].slices, cfg.anomaly_map, str(ctx.device), **a, **kw)
+    kw, mname = ms.map_kwargs(cfg), map_name(ms, cfg)
+    score = lambda k, **a: score_slices(model, ctx.sets[k].slices, mname, str(ctx.device), **a, **kw)
     with ctx.timer(f"evaluate_{name}"):
         x_hat, maps = score("test", progress=ctx.progress, desc=f"reconstruct {name}")
         healthy = (ctx.sets["val"], score("val")[1])
@@ -604,7 +626,7 @@ def evaluate_study_model(ctx: StudyContext, name: str) -> list[dict]:
         out["volumes"] = (out["ev"][cfg.postprocess[-1]]["volumes"] if ctx.labelled else
                           accumulate_maps(ctx.sets["test"], maps, cfg.postprocess[-1], cfg.space, keep=True)[1])
     rows, h = [], out["history"]
-    base = {"model": name, **model_row(ms, cfg), "map": cfg.anomaly_map, "space": cfg.space, "epochs_trained": len(h),
+    base = {"model": name, **model_row(ms, cfg), "map": mname, "space": cfg.space, "epochs_trained": len(h),
             "final_train_loss": h[-1]["train_loss"] if h else float("nan"), "final_val_loss": h[-1]["val_loss"] if h else float("nan")}
     for pp, ev in out["ev"].items(): rows += [{**base, "postprocess": pp, **r} for r in protocol_rows(ev)]
     with ctx.timer(f"outputs_{name}"):
@@ -653,7 +675,8 @@ def finish_study(ctx: StudyContext, t0: float) -> dict:
     if len(table):
         table.insert(0, "resolution", cfg.resolution); table.insert(0, "data", info["source"])
         table.insert(0, "profile", cfg.profile)
-    tables = spec.tables(table, cfg) if spec.tables and len(table) else {}
+    targs = (table, cfg, ctx) if spec.tables and len(inspect.signature(spec.tables).parameters) > 2 else (table, cfg)
+    tables = spec.tables(*targs) if spec.tables and len(table) else {}
     figs = common_figures(ctx) + (spec.figures(ctx) if spec.figures else [])
     for fname, df in {"metrics": table, "subject_scores": subject_score_table(ctx), **tables}.items():
         with atomic_path(out / f"{fname}.csv") as tmp: round_table(df).to_csv(tmp, index=False)
@@ -679,7 +702,9 @@ def run_study(spec: StudySpec, cfg, overwrite: bool = False, resume: bool = Fals
     load_study_data(ctx)
     for name in cfg.models:
         train_study_model(ctx, name)
-        if ctx.main: evaluate_study_model(ctx, name)
+        if ctx.main:
+            evaluate_study_model(ctx, name)
+            if spec.evaluate: spec.evaluate(ctx, name)
     return finish_study(ctx, t0) if ctx.main else None
 
 # %% ../nbs/13_study.ipynb #169615e5

@@ -63,7 +63,7 @@ class SoftIntroVAE(nn.Module):
 def _encoder_outputs(self, x: torch.Tensor) -> dict:
     "The features of every encoder level, and the posterior's `mu` and `logvar`."
     feats, h = [], x
-    for m in self.levels: h = m(h); feats.append(h)
+    for m in self.levels: h = m(h); feats.append(F.avg_pool2d(h, 2))   # RA's taps: after each level's pooling
     mu, logvar = self.fc_enc(self.bottom(h).flatten(1)).chunk(2, dim=1)
     return {"features": feats, "mu": mu, "logvar": logvar}
 
@@ -120,14 +120,15 @@ def sse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/06c_reversed_ae.ipynb #8dea3ec4
 def reversed_embedding_loss(feats_x: list,    # E^l(x): the encoder's features of the input, per level
-                            feats_rec: list,  # E^l(x_rec): of its reconstruction (a fixed target: detached)
+                            feats_rec: list,  # E^l(x_rec): of its (detached) reconstruction image
+                            detach_target: bool = False,  # True: `feats_rec` a fixed target; False (RA's code): gradient through both
                             ) -> torch.Tensor:
-    "RA eq. 3: sum over levels of 1 - cosine similarity + 0.5 * MSE; gradients flow only into `feats_x`."
+    "RA eq. 3: sum over levels of 1 - cosine similarity + 0.5 * MSE between the input's and the reconstruction's features."
     if len(feats_x) != len(feats_rec):
         raise UADInputError("feats_x and feats_rec must have the same number of levels", (len(feats_x), len(feats_rec)))
     total = 0.0
     for a, b in zip(feats_x, feats_rec):
-        a, b = a.flatten(1), b.detach().flatten(1)
+        a, b = a.flatten(1), (b.detach() if detach_target else b).flatten(1)
         total = total + (1 - F.cosine_similarity(a, b, dim=1)).mean() + 0.5 * F.mse_loss(a, b)
     return total
 
