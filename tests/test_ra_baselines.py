@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import blob_slices
 import torch
 import torch.nn as nn
 
@@ -21,13 +22,7 @@ from uad_study.training import StepContext, TrainConfig, train_model
 
 
 def _blobs(n=8, s=32):
-    rng = np.random.default_rng(3)
-    yy, xx = np.mgrid[:s, :s]
-    x = np.zeros((n, s, s), np.float32)
-    for i in range(n):
-        r = rng.uniform(s / 5, s / 2.7)
-        x[i] = (((yy - s / 2) ** 2 + (xx - s / 2) ** 2) < r * r) * rng.uniform(0.5, 1.0)
-    return x
+    return blob_slices(n, s)
 
 
 @pytest.fixture

@@ -245,3 +245,14 @@ def test_example_figures_name_model_postprocessing_and_protocol(tmp_path, monkey
     monkeypatch.setattr(kit, "plot_panels", spy)
     run_study(QUICK, _quick(tmp_path), progress=False)
     assert titles and all(t.startswith("ae: map absolute, post-processing trivae, threshold test_best (") for t in titles), titles
+
+
+def test_map_ablation_needs_its_weights_first_and_its_own_map():
+    "A model that reuses another's weights (ModelSpec.weights_of) must come after it; each model's map is its own."
+    from uad_study.study import map_name
+    from uad_study.study_reversed import SPEC, reversed_config
+    with pytest.raises(UADInputError, match="list that model before it"):
+        validate_config(SPEC, reversed_config("smoke", models=("ra-no-pl", "ra")))
+    cfg = reversed_config("smoke", models=("ra", "ra-no-pl"))
+    validate_config(SPEC, cfg)
+    assert [map_name(SPEC.models[m], cfg) for m in ("ra", "ra-no-pl", "si-vae")] == ["reversed_ae", "clahe_absolute", "absolute"]

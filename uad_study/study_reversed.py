@@ -6,7 +6,7 @@ Docs: https://uad-study.github.io/uad_study/study_reversed.html.md"""
 
 # %% ../nbs/13c_study_reversed.ipynb #c0ed8596
 from __future__ import annotations
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,11 +27,11 @@ from .models.dae import DenoisingObjective, UNet, UNetConfig
 from .models.reversed_ae import SoftIntroObjective, SoftIntroVAE
 from .models.ra_baselines import MKD, MKDObjective, SpatialAE, VAEObjective, vgg16_weights_path
 from .inference import reconstruct
-from .scores import load_lpips, lpips_map, is_real_lpips
+from .scores import load_lpips, lpips_map
 from .metrics import bbox_localisation, pixel_metrics
 from .figures import save_figure
 from .study import (DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config, make_config,
-                             map_name, parse_source, run_study, subject_volumes)
+                             map_name, parse_source, run_study, score_slices, subject_volumes)
 
 # %% auto #0
 __all__ = ['MODEL_SPECS', 'PAPER_LR', 'TABLE1', 'TABLE2', 'TABLE3', 'GROUPS', 'RAStudyConfig', 'ALL_CLASSES', 'PROFILES',
@@ -306,17 +306,13 @@ def synthetic_inputs(ctx) -> dict:
     ctx.data["synthetic"] = out
     return out
 
-def _score(model, x, mname: str, kw: dict, device) -> tuple:
-    from uad_study.study import score_slices
-    return score_slices(model, x, mname, str(device), **kw)
-
 # %% ../nbs/13c_study_reversed.ipynb #e27ed9c1
 def synthetic_rows(ctx, name: str) -> list[dict]:
     "Table 1 numbers of model `name`: per kind, MSE and perceptual distance to the clean slice inside the anomaly, and AUPRC."
     cfg, ms, model, net = ctx.cfg, ctx.spec.models[name], ctx.models[name], lpips_net(ctx.cfg)
     rows, store = [], {}
     for kind, d in synthetic_inputs(ctx).items():
-        x_hat, maps = _score(model, d["images"], map_name(ms, cfg), ms.map_kwargs(cfg), ctx.device)
+        x_hat, maps = score_slices(model, d["images"], map_name(ms, cfg), str(ctx.device), **ms.map_kwargs(cfg))
         store[kind] = {"x_hat": x_hat, "maps": maps}
         per = lpips_map(x_hat, d["clean"], net, device=str(ctx.device))
         lab = np.asarray(d["labels"], bool)
@@ -485,7 +481,7 @@ def umap_figure(ctx, name: str = "ra") -> Path | None:
     "Fig. 5 for model `name`: normal, pathological and pseudo-healthy slices in its latent space."
     ss, cfg, classes = ctx.sets["test"], ctx.cfg, subject_classes(ctx)
     lab = np.asarray(ss.labels).reshape(len(ss), -1).any(1)
-    healthy = np.concatenate([np.arange(ss.subject_range(i).start, ss.subject_range(i).stop) for i, c in enumerate(classes) if c == "healthy"] or [[]]).astype(int)
+    healthy = np.array([j for i, c in enumerate(classes) if c == "healthy" for j in range(ss.subject_range(i).start, ss.subject_range(i).stop)], int)
     rng = np.random.default_rng(cfg.seed); n = cfg.umap_max_slices
     norm, path = rng.permutation(healthy)[:n], rng.permutation(np.flatnonzero(lab))[:n]
     if len(norm) < 2 or len(path) < 2: return None
