@@ -248,7 +248,7 @@ class StudySpec:
     config_cls: type                      # from compose_config(...)
     profiles: dict                        # profile -> field overrides
     models: dict                          # model name -> ModelSpec
-    tables: Callable | None = None        # (table, cfg) -> {file stem: DataFrame} (ours beside the paper's)
+    tables: Callable | None = None        # (table, cfg[, ctx=StudyContext]) -> {file stem: DataFrame} (ours beside the paper's)
     figures: Callable | None = None       # (StudyContext) -> list of figure paths
     validate: Callable | None = None      # cfg -> None; raises UADInputError for a chapter's own rules
     evaluate: Callable | None = None      # (StudyContext, name) -> None: the chapter's own evaluation of a scored model
@@ -675,8 +675,8 @@ def finish_study(ctx: StudyContext, t0: float) -> dict:
     if len(table):
         table.insert(0, "resolution", cfg.resolution); table.insert(0, "data", info["source"])
         table.insert(0, "profile", cfg.profile)
-    targs = (table, cfg, ctx) if spec.tables and len(inspect.signature(spec.tables).parameters) > 2 else (table, cfg)
-    tables = spec.tables(*targs) if spec.tables and len(table) else {}
+    ctx_kw = {"ctx": ctx} if spec.tables and "ctx" in inspect.signature(spec.tables).parameters else {}
+    tables = spec.tables(table, cfg, **ctx_kw) if spec.tables and len(table) else {}
     figs = common_figures(ctx) + (spec.figures(ctx) if spec.figures else [])
     for fname, df in {"metrics": table, "subject_scores": subject_score_table(ctx), **tables}.items():
         with atomic_path(out / f"{fname}.csv") as tmp: round_table(df).to_csv(tmp, index=False)
