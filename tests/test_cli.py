@@ -49,3 +49,13 @@ def test_data_check_help():
 def test_data_check_missing_folder_exits_nonzero(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: dataset root must be a folder" in capsys.readouterr().out
+
+
+def test_benchmark_presets_match_the_generator():
+    "--preset offers exactly the generator's presets (the list is kept in the CLI so --help stays light)."
+    from uad_study.benchmark import PRESET_NAMES
+    from uad_study.cli import BENCHMARK_PRESETS
+    assert tuple(BENCHMARK_PRESETS) == tuple(PRESET_NAMES)
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    preset = next(a for a in sub.choices["benchmark"]._actions if a.dest == "preset")
+    assert list(preset.choices) == list(PRESET_NAMES)

@@ -134,9 +134,14 @@ class RAObjective(Objective):
                  seed: int = 0,                    # augmentation seed (with the global step)
                  ):
         self.inner, self.lr, self.augment, self.seed = inner, lr, augment, seed
-    def __getattr__(self, k):  # collapse_kl_floor and the like come from the wrapped objective
+    def __getattr__(self, k):  # anything else the engine asks for comes from the wrapped objective
         if k == "inner": raise AttributeError(k)
         return getattr(self.inner, k)
+    # `Objective` defines these as class attributes, so `__getattr__` never sees them: forward them explicitly
+    @property
+    def collapse_kl_floor(self): return getattr(self.inner, "collapse_kl_floor", None)
+    @property
+    def ddp_kwargs(self): return getattr(self.inner, "ddp_kwargs", {})
     def optimizers(self, model, cfg): return self.inner.optimizers(model, replace(cfg, lr=self.lr))
     def train_step(self, model, batch, step):
         "Augment the batch's images (seeded by seed and global step), then the inner objective's step."

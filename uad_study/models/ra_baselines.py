@@ -86,6 +86,7 @@ def zimmerer_vae(in_size: int = 128,                         # input edge, pixel
 
 class VAEObjective(Objective):
     "Negative ELBO with the Soft-Intro scaling: (beta_rec * SSE + beta_kl * KL) / (C H W), per image, batch mean."
+    collapse_kl_floor = 1e-2  # nats per image (the logged `kl`): the engine warns of posterior collapse below it
     def __init__(self,
                  beta_rec: float = 1.0,       # weight of the squared reconstruction error
                  beta_kl: float = 1.0,        # weight of the KL term
