@@ -16,7 +16,7 @@ import numpy as np
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['load_image', 'load_volume', 'from_canonical', 'save_like', 'check_same_grid', 'Subject']
+__all__ = ['load_image', 'load_volume', 'from_canonical', 'save_like', 'canonical_shape', 'check_same_grid', 'Subject']
 
 # %% ../nbs/01_io.ipynb #80aa9bf2
 def load_image(path: str | Path) -> nib.Nifti1Image:
@@ -70,6 +70,15 @@ def save_like(arr: np.ndarray, reference: str | Path, target: str | Path, dtype=
     with atomic_path(target) as tmp:
         nib.save(img, str(tmp) + ".nii.gz"); Path(str(tmp) + ".nii.gz").replace(tmp)
     return target
+
+# %% ../nbs/01_io.ipynb #d8ae67b2
+def canonical_shape(path: str | Path) -> tuple:
+    "The RAS+ shape (as `load_volume` lays the volume out) of a NIfTI file, from its header."
+    img = load_image(path)
+    ornt = nib.orientations.io_orientation(img.affine)
+    shape = [0, 0, 0]
+    for ax, (canon, _) in enumerate(ornt[:3]): shape[int(canon)] = int(img.shape[ax])
+    return tuple(shape)
 
 # %% ../nbs/01_io.ipynb #2f23538a
 def check_same_grid(image: str | Path, other: str | Path, atol: float = 1e-3) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from skimage.transform import rescale as sk_rescale
+from skimage.transform import rescale as sk_rescale, resize as sk_resize
 from tqdm.auto import tqdm
 
 from .core import UADInputError, atomic_dir, atomic_path, config_hash, data_dir, project_root
@@ -25,9 +25,10 @@ from .datasets import label_volume
 
 # %% auto #0
 __all__ = ['RECIPES', 'SliceRecipe', 'normalise', 'resize_slices', 'unresize_slices', 'curvature_flow', 'pad_or_crop',
-           'volume_steps', 'select_slices', 'preprocess_subject', 'SliceSet', 'build_slices', 'slice_spacing',
-           'split_counts', 'split_ids', 'get_recipe', 'recipe_from_config', 'affine_flip', 'RandomAffineFlip',
-           'write_split', 'read_split', 'splits_dir', 'split_from_definition', 'qc_montage', 'qc_montages']
+           'volume_steps', 'select_slices', 'undo_volume_steps', 'preprocess_subject', 'SliceSet', 'build_slices',
+           'slice_spacing', 'split_counts', 'split_ids', 'get_recipe', 'recipe_from_config', 'affine_flip',
+           'RandomAffineFlip', 'write_split', 'read_split', 'splits_dir', 'split_from_definition', 'qc_montage',
+           'qc_montages']
 
 # %% ../nbs/04_preprocess.ipynb #2f5589fc
 @dataclass(frozen=True)
@@ -199,6 +200,18 @@ def select_slices(brain: np.ndarray, recipe: SliceRecipe) -> np.ndarray:
         z = z[(z >= math.floor(lo * Z)) & (z < math.ceil(hi * Z))]
     if len(z) == 0: raise UADInputError("no axial slice passes the recipe's selection rule", recipe.slice_select)
     return z
+
+# %% ../nbs/04_preprocess.ipynb #60a7d8a1
+def undo_volume_steps(v: np.ndarray,       # a volume on the grid `volume_steps` produced (e.g. an anomaly map)
+                      shape: tuple,        # the RAS+ shape of the input volume before those steps
+                      recipe: SliceRecipe, # the recipe that made the grid
+                      ) -> np.ndarray:
+    "Map a volume back through the recipe's grid changes: the rescale (linear), then the padding or cropping."
+    mid = tuple(recipe.pad_to) if recipe.pad_to is not None else tuple(shape)
+    if tuple(v.shape) != mid:
+        v = sk_resize(np.asarray(v, np.float32), mid, order=1, preserve_range=True, anti_aliasing=False)
+    if recipe.pad_to is not None: v = pad_or_crop(v, tuple(shape))
+    return np.asarray(v, np.float32)
 
 # %% ../nbs/04_preprocess.ipynb #1243c41c
 def _get_image(s: Subject, modality: str) -> Path:

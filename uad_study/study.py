@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 import uad_study
 from .core import (Timer, UADInputError, atomic_path, atomic_write_json, prepare_run_dir, project_root,
                             resolve_path, seed_everything, to_json)
-from .io import Subject, save_like
+from .io import Subject, canonical_shape, save_like
 from .datasets import DATASETS, detect_dataset, find_subjects
 from .phantom import PhantomConfig, ensure_phantom
 from .benchmark import PRESETS as BENCHMARK_PRESETS, benchmark_config, benchmark_subjects, ensure_benchmark
 from .preprocess import (RECIPES, SliceSet, build_slices, get_recipe, qc_montage, read_split, slice_spacing, split_ids,
-                                  splits_dir, unresize_slices)
+                                  splits_dir, undo_volume_steps, unresize_slices)
 from .training import TrainConfig, init_distributed, train_model
 from .inference import reconstruct
 from .scores import ANOMALY_MAPS, anomaly_map, describe_map, subject_scores, slice_scores
@@ -387,11 +387,13 @@ def uses_mm(postprocess: str) -> bool:
     pp = PRESETS[postprocess]
     return pp.median_size_mm is not None or pp.min_component_mm3 is not None
 
-def accumulate_maps(ss: SliceSet, maps: np.ndarray, postprocess: str, space: str = "brain", keep: bool = False) -> tuple:
+def accumulate_maps(ss: SliceSet, maps: np.ndarray, postprocess: str, space: str = "brain", keep: bool = False,
+                    subjects: list[int] | None = None,   # indices of the subjects to take (None: all)
+                    ) -> tuple:
     "Post-process each subject's stacked map into an exact per-volume accumulator over `space`; optionally keep the volumes."
     if space not in EVAL_SPACES: raise UADInputError(f"space must be one of {list(EVAL_SPACES)}", space)
     pp, acc, vols = PRESETS[postprocess], PixelMetricsAccumulator(per_volume=True), []
-    for i in range(len(ss.subjects)):
+    for i in (range(len(ss.subjects)) if subjects is None else subjects):
         v = subject_volumes(ss, i, maps)
         spacing = slice_spacing(ss.subjects[i], ss.recipe) if uses_mm(postprocess) else None
         out = postprocess_volume(v["map"], v["mask"], pp, spacing=spacing)
@@ -485,6 +487,7 @@ def write_maps(ss: SliceSet, vols: list, folder: Path, progress: bool = True) ->
         full = np.zeros(s["shape"], np.float32)
         full[:, :, s["z"]] = np.moveaxis(unresize_slices(np.moveaxis(vols[i], -1, 0), tuple(s["shape"][:2]),
                                                          ss.recipe.pad_square), 0, -1)
+        full = undo_volume_steps(full, canonical_shape(s["image"]), ss.recipe)   # padding and rescaling (thesis-v1)
         out.append(save_like(full, s["image"], folder / f"{s['id']}_anomaly.nii.gz"))
     return out
 
