@@ -20,8 +20,11 @@ from uad_study.study import (EVAL_SPACES, config_parts, make_config, parameters_
                              select_subjects, validate_config)
 from uad_study.study_quickstart import SPEC as QUICK
 from uad_study.study_trivae import SPEC as TRIVAE
+from uad_study.study_reversed import SPEC as REVERSED
+from uad_study.study_thesis import SPEC as THESIS
 
 ROOT = Path(__file__).resolve().parents[1]
+CHAPTER_SPECS = [("20_study_quickstart", QUICK), ("21_study_trivae", TRIVAE), ("22_study_reversed", REVERSED), ("23_study_thesis", THESIS)]
 FAST = dict(epochs=1, models=("ae",), n_example_subjects=1)
 
 
@@ -60,6 +63,20 @@ def test_benchmark_split_and_classes(bench, tmp_path):
     assert {s.id for s in d["train"]} == ids("healthy", "train") and {s.id for s in d["val"]} == ids("healthy", "val")
     assert {s.id for s in d["test"]} == ids("ms", "test") | ids("infarct", "test")
     assert {s.id for s in d["val_anomalous"]} == ids("glioma", "val")      # anomalous validation: the class's val split
+
+
+def test_sources_joined_by_semicolon_pool_their_subjects(bench, tmp_path):
+    "Several sources for one role ('a;b') give the subjects of each, once; repeated ids are refused."
+    one = _quick(tmp_path, test="benchmark:smoke:ms+infarct")
+    two = _quick(tmp_path, test="benchmark:smoke:ms;benchmark:smoke:infarct")
+    a = select_subjects(one, validate_config(QUICK, one), progress=False)
+    b = select_subjects(two, validate_config(QUICK, two), progress=False)
+    assert sorted(s.id for s in b["test"]) == sorted(s.id for s in a["test"]) and len(b["test"]) == 4
+    assert " + " in b["info"]["roles"]["test"]["source"] and len(b["info"]["roles"]["test"]["parts"]) == 2
+    assert b["info"]["roles"]["test"]["spec"] == "benchmark:smoke:ms;benchmark:smoke:infarct"
+    bad = _quick(tmp_path, test="benchmark:smoke:ms;benchmark:smoke:ms")
+    with pytest.raises(UADInputError, match="must not share subject ids"):
+        select_subjects(bad, validate_config(QUICK, bad), progress=False)
 
 
 def test_nifti_glob_folder_as_test_source(nifti_folder, tmp_path):
@@ -178,14 +195,23 @@ def test_resume_with_another_config_names_keys_and_values(tmp_path):
     assert "train.lr: 0.001 -> 0.002" in str(e.value)
 
 
-@pytest.mark.parametrize("nb,spec", [("20_study_quickstart", QUICK), ("21_study_trivae", TRIVAE)])
+@pytest.mark.parametrize("nb,spec", CHAPTER_SPECS)
 def test_chapter_parameters_are_generated_from_the_config(nb, spec):
     cells = json.loads((ROOT / "nbs" / f"{nb}.ipynb").read_text())["cells"]
     cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
     assert "".join(cell["source"]).strip() == parameters_cell(spec).strip()
 
 
-@pytest.mark.parametrize("nb,spec", [("20_study_quickstart", QUICK), ("21_study_trivae", TRIVAE)])
+@pytest.mark.parametrize("nb,spec", CHAPTER_SPECS)
+def test_parameter_shadowed_by_an_import_is_named(nb, spec):
+    "A chapter that imports a function under a parameter's name gets a clear error, not a TypeError deep in a run."
+    from uad_study.study import config_from_parameters
+    name = [f.name for f in __import__("dataclasses").fields(spec.config_cls)][3]
+    with pytest.raises(UADInputError, match="shadowed") as e: config_from_parameters(spec, {"profile": "smoke", name: print})
+    assert name in str(e.value)
+
+
+@pytest.mark.parametrize("nb,spec", CHAPTER_SPECS)
 def test_papermill_help_shows_every_parameter(nb, spec):
     import dataclasses
     p = subprocess.run([str(Path(sys.executable).parent / "papermill"), "--help-notebook", str(ROOT / "nbs" / f"{nb}.ipynb")],

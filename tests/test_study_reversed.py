@@ -1,5 +1,4 @@
 "The reversed-AE runner's own rules: box slices, box localisation, subject detection AUROC and RA's training augmentation."
-import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -7,24 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from uad_study.preprocess import SliceSet
+from conftest import write_slice_set
 from uad_study.study_reversed import (GROUPS, MODEL_SPECS, PAPER_LR, RAObjective, bootstrap_auroc, box_slice,
                                       detection_rows, localisation, model_lr, reversed_config, subject_detection_scores)
-
-
-def write_slice_set(folder, subjects):
-    "A SliceSet on disk from per-subject (slices, masks, labels) arrays of shape (n, R, R)."
-    sl, ms, lb, subs, start = [], [], [], [], 0
-    for k, (x, m, y) in enumerate(subjects):
-        n = len(x)
-        subs.append({"id": f"s{k}", "image": f"s{k}.nii.gz", "start": start, "stop": start + n, "z": list(range(n)),
-                     "shape": [x.shape[1], x.shape[2], n], "label_voxels_total": int(y.sum()), "label_voxels_in_slices": int(y.sum())})
-        sl.append(x.astype(np.float32)); ms.append(m.astype(bool)); lb.append(y.astype(bool)); start += n
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "slices.npy", np.concatenate(sl)); np.save(folder / "masks.npy", np.concatenate(ms))
-    np.save(folder / "labels.npy", np.concatenate(lb))
-    (folder / "index.json").write_text(json.dumps({"recipe": {}, "steps": [], "subjects": subs}))
-    return SliceSet(folder)
 
 
 R = 16

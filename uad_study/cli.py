@@ -17,7 +17,8 @@ __all__ = ['STUDIES', 'EXAMPLES', 'BENCHMARK_PRESETS', 'study_spec', 'add_study_
            'main']
 
 # %% ../nbs/14_cli.ipynb #af862905
-STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae", "reversed": "uad_study.study_reversed"}
+STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae", "reversed": "uad_study.study_reversed",
+           "thesis": "uad_study.study_thesis"}
 
 EXAMPLES = {
     "demo": ["uad-study demo                                   # quickstart on the embedded phantom (2 CPU cores: ~6 min)",
@@ -33,6 +34,10 @@ EXAMPLES = {
                  "uad-study reversed --profile cpu                  # RA vs SI-VAE vs baselines on 2 CPU cores (~45 min)",
                  "uad-study reversed --profile paper --train ixi:/data/IXI-T1 \\\n"
                  "      --test 'nifti:/data/fastmri-t1,images=*/t1.nii.gz,labels=*/mask.nii.gz' --lpips-weights ~/squeezenet1_1-b8a52dc0.pth"],
+    "thesis": ["uad-study thesis                                  # smoke profile: VAE, VQ-VAE, VQ-GAN on glioma and infarct (minutes)",
+               "uad-study thesis --profile cpu                    # two sizes per model, benchmark v2 standard, 64x64, 2 CPU cores",
+               "uad-study thesis --profile paper --train 'ixi:/data/IXI-T1;nifti:/data/MN-T1,images=*.nii.gz' \\\n"
+               "      --test 'brats:/data/BraTS2019-test;atlas:/data/ATLAS-test' --val-anomalous 'brats:/data/BraTS2019-val;atlas:/data/ATLAS-val'"],
 }
 
 def _choices(spec) -> dict:

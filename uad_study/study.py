@@ -7,6 +7,7 @@ Docs: https://uad-study.github.io/uad_study/study.html.md"""
 # %% ../nbs/13_study.ipynb #6aa18c40
 from __future__ import annotations
 import dataclasses, inspect, json, os, platform, re, subprocess, sys, time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,15 +35,15 @@ from .metrics import (EvalProtocol, PixelMetricsAccumulator, evaluate_protocol, 
 from .figures import plot_panels, plot_pr_curves, plot_training_curves, round_table
 
 # %% auto #0
-__all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'DataSource', 'parse_source', 'source_subjects',
-           'RunPart', 'DataPart', 'TrainPart', 'EvalPart', 'field_docs', 'compose_config', 'config_parts', 'ModelSpec',
-           'StudySpec', 'model_row', 'map_name', 'make_config', 'validate_config', 'train_config', 'select_subjects',
-           'subject_volumes', 'uses_mm', 'accumulate_maps', 'threshold_protocols', 'evaluate_maps', 'protocol_rows',
-           'protocols_record', 'score_slices', 'write_split_csv', 'environment_info', 'write_maps', 'example_slices',
-           'slices_with_subjects', 'StudyContext', 'study_config_record', 'study_recipe', 'prepare_study',
-           'load_study_data', 'train_study_model', 'evaluate_study_model', 'subject_score_table', 'common_figures',
-           'finish_study', 'run_study', 'format_summary', 'parameters_cell', 'config_from_parameters',
-           'phantom_qc_montages']
+__all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'DataSource', 'parse_source', 'source_kinds',
+           'source_subjects', 'RunPart', 'DataPart', 'TrainPart', 'EvalPart', 'field_docs', 'compose_config',
+           'config_parts', 'ModelSpec', 'StudySpec', 'model_row', 'map_name', 'make_config', 'validate_config',
+           'train_config', 'select_subjects', 'subject_volumes', 'uses_mm', 'accumulate_maps', 'threshold_protocols',
+           'evaluate_maps', 'protocol_rows', 'protocols_record', 'score_slices', 'write_split_csv', 'environment_info',
+           'write_maps', 'example_slices', 'slices_with_subjects', 'StudyContext', 'study_config_record',
+           'study_recipe', 'prepare_study', 'load_study_data', 'train_study_model', 'evaluate_study_model',
+           'subject_score_table', 'common_figures', 'finish_study', 'run_study', 'format_summary', 'parameters_cell',
+           'config_from_parameters', 'phantom_qc_montages']
 
 # %% ../nbs/13_study.ipynb #e98ed991
 SOURCE_KINDS = ("phantom", "benchmark", *[k for k in DATASETS])
@@ -58,8 +59,10 @@ class DataSource:
     labels: str = ""          # nifti: glob for the labels
     masks: str = ""           # nifti: glob for brain masks
     split: str = ""           # a committed split definition (data/splits/NAME.json) whose role part is used
+    parts: tuple = ()         # kind "multi": the sources joined by ';' (their subjects are pooled)
 
     def __str__(self):
+        if self.kind == "multi": return ";".join(map(str, self.parts))
         head = self.kind if self.kind == "phantom" else f"{self.kind}:{self.root}" + (
             ":" + "+".join(self.classes) if self.classes else "")
         opts = [f"{k}={getattr(self, k)}" for k in ("images", "labels", "masks", "split") if getattr(self, k)]
@@ -71,6 +74,9 @@ _SOURCE_OPTS = ("images", "labels", "masks", "split")
 def parse_source(text: str | DataSource, role: str = "test") -> DataSource:
     "A `DataSource` from its text (see the table above); raises naming the rule and the value."
     if isinstance(text, DataSource): return text
+    if ";" in str(text):                                  # several sources for one role, pooled
+        parts = tuple(parse_source(t, role) for t in str(text).split(";") if t.strip())
+        return parts[0] if len(parts) == 1 else DataSource("multi", parts=parts)
     head, *opts = str(text).strip().split(",")
     kw = {}
     for o in opts:
@@ -97,6 +103,10 @@ def parse_source(text: str | DataSource, role: str = "test") -> DataSource:
         raise UADInputError(f"{role} source: no split definition data/splits/{src.split}.json", src.split)
     return src
 
+def source_kinds(src: DataSource) -> set[str]:
+    "The kinds of a source, or of each of its parts (`multi`)."
+    return {p.kind for p in src.parts} if src.kind == "multi" else {src.kind}
+
 # %% ../nbs/13_study.ipynb #a4b46adb
 _BENCH_SPLIT = {"train": "train", "val": "val", "test": "test", "val_anomalous": "val"}
 
@@ -108,6 +118,13 @@ def _benchmark_subject(r: dict) -> Subject:
 
 def source_subjects(src: DataSource, role: str, cfg, progress: bool = True) -> tuple[list[Subject], dict]:
     "The subjects of `src` for `role` (before any split) and a description of where they came from."
+    if src.kind == "multi":
+        got = [source_subjects(p, role, cfg, progress) for p in src.parts]
+        subs = [s for g, _ in got for s in g]
+        dup = sorted(k for k, n in Counter(s.id for s in subs).items() if n > 1)
+        if dup: raise UADInputError(f"{role} sources joined by ';' must not share subject ids", dup[:5], str(src))
+        return subs, {"source": " + ".join(i["source"] for _, i in got), "root": ";".join(str(i["root"]) for _, i in got),
+                      "parts": [i for _, i in got]}
     if src.kind == "phantom":
         pc = PhantomConfig(seed=cfg.phantom_seed, n_healthy=cfg.phantom_healthy, n_tumour=cfg.phantom_tumour,
                            spacing_mm=cfg.phantom_spacing_mm)
@@ -368,7 +385,7 @@ def select_subjects(cfg, sources: dict[str, DataSource], progress: bool = True) 
     if overlap and str(sources["train"]) == str(sources.get("val", sources["train"])):
         raise UADInputError("a subject is in both training and validation", sorted(overlap)[:5])
     tr, te = sources["train"], sources["test"]
-    same = (tr.kind, tr.root) == (te.kind, te.root)
+    same = (tr.kind, tr.root, tr.parts) == (te.kind, te.root, te.parts)
     out["info"] = {"roles": info, "source": info["test"]["source"] if same else
                    f"train: {info['train']['source']}; test: {info['test']['source']}"}
     return out
@@ -755,6 +772,9 @@ def parameters_cell(spec: StudySpec, extra: str = "") -> str:
 def config_from_parameters(spec: StudySpec, ns: dict):
     "The config from a chapter's parameter values in namespace `ns` (None means the profile's)."
     names = [f.name for f in dataclasses.fields(spec.config_cls) if f.name != "profile"]
+    shadowed = [k for k in names if callable(ns.get(k)) or inspect.ismodule(ns.get(k))]
+    if shadowed: raise UADInputError("these parameters are shadowed by an imported function or module of the same name: "
+                                     "import it under another name", shadowed)
     return make_config(spec, ns.get("profile"), **{k: ns.get(k) for k in names})
 
 # %% ../nbs/13_study.ipynb #8a238ebe

@@ -31,7 +31,7 @@ from .scores import load_lpips, lpips_map
 from .metrics import bbox_localisation, pixel_metrics
 from .figures import save_figure
 from .study import (DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config, make_config,
-                             map_name, parse_source, run_study, score_slices, subject_volumes)
+                             map_name, parse_source, source_kinds, run_study, score_slices, subject_volumes)
 
 # %% auto #0
 __all__ = ['MODEL_SPECS', 'PAPER_LR', 'TABLE1', 'TABLE2', 'TABLE3', 'GROUPS', 'RAStudyConfig', 'ALL_CLASSES', 'PROFILES',
@@ -120,7 +120,7 @@ def _validate(cfg) -> None:
             raise UADInputError(f"{k}: file not found", getattr(cfg, k))
     if "healthy_fpr" not in cfg.protocols: raise UADInputError("box localisation needs the healthy_fpr protocol", cfg.protocols)
     if cfg.profile == "paper" and (not cfg.train or not cfg.test or
-                                   {parse_source(cfg.train).kind, parse_source(cfg.test).kind} & {"phantom", "benchmark"}):
+                                   (source_kinds(parse_source(cfg.train)) | source_kinds(parse_source(cfg.test))) & {"phantom", "benchmark"}):
         raise UADInputError("the paper profile needs real data: --train ixi:/data/IXI-T1 --test nifti:/data/fastmri-t1,images=...",
                             (cfg.train, cfg.test))
 

@@ -24,7 +24,7 @@ from .scores import load_lpips
 from .metrics import EvalProtocol, evaluate_protocol, sample_detection, slice_detection
 from .figures import save_figure
 from .study import (DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, accumulate_maps, compose_config,
-                             make_config, map_name, parse_source, run_study, score_slices, subject_volumes)
+                             make_config, map_name, parse_source, source_kinds, run_study, score_slices, subject_volumes)
 
 # %% auto #0
 __all__ = ['VAE_LATENTS', 'VQVAE_GRID', 'VQGAN_GRID', 'PAPER_NAMES', 'MODEL_SPECS', 'PAPER_ROWS', 'ThesisStudyConfig', 'PROFILES',
@@ -111,7 +111,7 @@ def _validate(cfg) -> None:
     if cfg.lpips_weights and not Path(cfg.lpips_weights).expanduser().is_file():
         raise UADInputError("lpips_weights: file not found", cfg.lpips_weights)
     if cfg.profile == "paper" and (not cfg.train or not cfg.test or not cfg.val_anomalous or
-                                   {parse_source(cfg.train).kind, parse_source(cfg.test).kind} & {"phantom", "benchmark"}):
+                                   (source_kinds(parse_source(cfg.train)) | source_kinds(parse_source(cfg.test))) & {"phantom", "benchmark"}):
         raise UADInputError("the paper profile needs real data: --train ixi:/data/IXI-T1 --test brats:/data/BraTS2019 "
                             "--val-anomalous brats:/data/BraTS2019-val", (cfg.train, cfg.test, cfg.val_anomalous))
 
@@ -315,9 +315,9 @@ def copy_table(ctx) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 # %% ../nbs/13d_study_thesis.ipynb #4356c14a
-def _best(df: pd.DataFrame, fam: str, col: str, other: bool = False) -> float:
+def _agg(df: pd.DataFrame, fam: str, col: str, how: str, other: bool = False) -> float:
     d = df[(df["family"] != fam) if other else (df["family"] == fam)]
-    return float(d[col].max()) if len(d) else np.nan
+    return float(getattr(d[col], how)()) if len(d) else np.nan
 
 def paper_claims(det: pd.DataFrame, pix: pd.DataFrame) -> pd.DataFrame:
     "Whether each of the thesis' three claims holds on this run, per lesion set, with the numbers compared."
@@ -327,10 +327,10 @@ def paper_claims(det: pd.DataFrame, pix: pd.DataFrame) -> pd.DataFrame:
     det, pix = fam(det), fam(pix[(pix["protocol"] == "val_greedy") & (pix["postprocess"] == "thesis")])
     for c in det["lesion_set"].unique():
         p, s = pix[pix["lesion_set"] == c], det[(det["lesion_set"] == c) & (det["level"] == "sample")]
-        a, b = _best(p, "vqvae", "dice_t"), _best(p, "vqvae", "dice_t", True)
+        a, b = _agg(p, "vqvae", "dice_t", "max"), _agg(p, "vqvae", "dice_t", "min", True)
         rows.append({"claim": "VQ-VAE lowest pixel-wise DICE_T", "lesion_set": c, "value": a, "others": b,
                      "holds": bool(a < b) if np.isfinite([a, b]).all() else None})
-        a, b = _best(s, "vqgan", "auroc"), _best(s, "vqgan", "auroc", True)
+        a, b = _agg(s, "vqgan", "auroc", "min"), _agg(s, "vqgan", "auroc", "max", True)
         rows.append({"claim": "VQ-GAN best sample-wise AUROC", "lesion_set": c, "value": a, "others": b,
                      "holds": bool(a > b) if np.isfinite([a, b]).all() else None})
         v = p[p["family"] == "vae"].assign(z=lambda d: [MODEL_SPECS[m][1] for m in d["run_model"]]).sort_values("z")

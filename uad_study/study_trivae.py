@@ -21,7 +21,7 @@ from .models.trivae import (LOSS_VARIANTS, TriVAE, TriVAEObjective, ablation_con
 from .models.dae import DenoisingObjective, UNet, UNetConfig
 from .figures import save_figure
 from .study import (DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config, example_slices,
-                             make_config, parse_source, run_study, slices_with_subjects)
+                             make_config, parse_source, source_kinds, run_study, slices_with_subjects)
 
 # %% auto #0
 __all__ = ['MODEL_SPECS', 'TABLE1', 'TABLE2', 'TriVAEStudyConfig', 'PROFILES', 'MODELS', 'PAPER_DATA', 'SPEC', 'loss_variant_of',
@@ -91,7 +91,7 @@ def _validate(cfg) -> None:
     if any(MODEL_SPECS[m][0] == "trivae" for m in cfg.models) and cfg.batch_size < 3:
         raise UADInputError("a Tri-VAE batch needs at least 3 slices (anchor, positive, negative)", cfg.batch_size)
     if cfg.profile == "paper" and (not cfg.train or not cfg.test or
-                                   {parse_source(cfg.train).kind, parse_source(cfg.test).kind} & {"phantom", "benchmark"}):
+                                   (source_kinds(parse_source(cfg.train)) | source_kinds(parse_source(cfg.test))) & {"phantom", "benchmark"}):
         raise UADInputError("the paper profile needs real data: --train ixi:/data/IXI-T2-hdbet --test brats:/data/BraTS2020",
                             (cfg.train, cfg.test))
 
