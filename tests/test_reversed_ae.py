@@ -139,3 +139,16 @@ def test_plain_objective_logs_no_reversed_part_and_rejects_bad_weights():
     assert "reversed" not in parts and "exp_elbo_fake" in parts
     with pytest.raises(UADInputError, match=">= 0"):
         SoftIntroObjective(reversed_weight=-1)
+
+
+def test_inference_encode_keeps_the_whole_posterior_mean():
+    "SoftIntroVAE.encode gives the mean alone: `inference.encode` must not halve it (as it does for DenseVAE's mean+logvar)."
+    from uad_study.inference import encode
+    from uad_study.models.baselines import DenseVAE
+    x = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
+    m = _small().eval()
+    z = encode(m, x, device="cpu")
+    with torch.no_grad(): mu = m.encode(torch.from_numpy(x)[:, None])
+    assert z.shape == (3, m.latent) and np.allclose(z, mu.numpy())
+    v = DenseVAE(in_size=32, channels=(4, 8), latent_dim=5).eval()
+    assert encode(v, x, device="cpu").shape == (3, 5)

@@ -56,6 +56,6 @@ def encode(model: nn.Module, slices: np.ndarray, batch_size: int = 64, device: s
     for i in range(0, len(slices), batch_size):
         x = torch.from_numpy(np.array(slices[i:i + batch_size], np.float32))[:, None].to(dev)
         z = model.encode(x)
-        if getattr(model, "variational", False): z = z.chunk(2, dim=1)[0]
+        if getattr(model, "encode_gives_logvar", False): z = z.chunk(2, dim=1)[0]   # keep the posterior mean
         out.append(z.float().cpu().numpy())
     return np.concatenate(out)

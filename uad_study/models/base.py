@@ -67,7 +67,7 @@ def up_block(ci: int, co: int,
 # %% ../../nbs/05b_model_base.ipynb #2cfaaac1
 @runtime_checkable
 class UADModel(Protocol):
-    "The interface every model provides; optional: `encode(x)`, `feature_layers()`, `variational`, `recon_range`."
+    "The interface every model provides; optional: `encode(x)`, `feature_layers()`, `variational`, `encode_gives_logvar`, `recon_range`."
     def forward(self, x: torch.Tensor) -> dict:
         "A dict with at least 'recon', a tensor of `x`'s shape (B, C, H, W)."
         ...

@@ -94,6 +94,7 @@ def ablation_config(row: str, **kw) -> TriVAEConfig:
 class TriVAE(nn.Module):
     "Triplet VAE: U-Net-like VAE with skips in the first three levels, embedding + sampled latent, coarse output, GCS."
     variational = True
+    encode_gives_logvar = True   # `encode` returns mean and log-variance concatenated (`inference.encode` keeps the mean)
     def __init__(self, cfg: TriVAEConfig = TriVAEConfig(), in_channels: int = 1):
         super().__init__()
         self.cfg = cfg = check_trivae_config(cfg)
