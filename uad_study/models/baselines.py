@@ -1,4 +1,4 @@
-"""The dense autoencoder and dense VAE: convolutional encoder, fully connected bottleneck, convolutional decoder. The quickstart study trains both; the Tri-VAE ablation's "baseline VAE" (Table 2, first row) is the Tri-VAE network with every switch off, in `models.trivae`.
+"""The dense autoencoder and dense VAE (convolutional encoder, fully connected bottleneck, convolutional decoder), and Baur et al.'s spatial autoencoder (no dense layer: a spatial bottleneck). The quickstart study trains the dense pair; the Tri-VAE ablation's "baseline VAE" (Table 2, first row) is the Tri-VAE network with every switch off, in `models.trivae`.
 
 Docs: https://uad-study.github.io/uad_study/models.html.md"""
 
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from ..core import UADInputError
 from ..losses import kl_divergence, recon_loss
-from .base import down_block, up_block
+from .base import down_block, norm_layer, up_block
 from ..objective import Objective
 
 # %% auto #0
-__all__ = ['MODELS', 'DenseAE', 'DenseVAE', 'model_loss', 'BaselineObjective', 'build_model']
+__all__ = ['MODELS', 'DenseAE', 'DenseVAE', 'SpatialAE', 'model_loss', 'BaselineObjective', 'build_model']
 
 # %% ../../nbs/06_models.ipynb #7166c386
 class DenseAE(nn.Module):
@@ -69,6 +69,56 @@ class DenseVAE(DenseAE):
         logvar = logvar.clamp(-20, 10)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         return {"recon": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+# %% ../../nbs/06_models.ipynb #32bdc042
+class SpatialAE(nn.Module):
+    "Spatial autoencoder AE-S (Baur et al. 2021): strided convs to a spatial bottleneck, no dense layer; sigmoid output."
+    variational = False
+    def __init__(self,
+                 in_size: int = 128,                  # input edge, pixels (divisible by 2**len(widths))
+                 widths: tuple = (32, 64, 128, 128),  # channels of the stride-2 encoder levels; the last is the bottleneck's
+                 kernel: int = 5,                     # convolution kernel edge (odd)
+                 negative_slope: float = 0.3,         # leaky ReLU slope (0.3: the Keras default of the official code)
+                 norm: str = "batch",                 # "batch" (official) or "group"
+                 in_ch: int = 1,                      # image channels
+                 ):
+        super().__init__()
+        f = 2 ** len(widths)
+        if in_size % f: raise UADInputError(f"in_size must be divisible by 2**len(widths) = {f}", in_size)
+        if kernel % 2 == 0: raise UADInputError("kernel must be odd", kernel)
+        self.in_size, self.widths, self.s = in_size, tuple(widths), in_size // f
+        p, chs = kernel // 2, (in_ch, *widths)
+        block = lambda conv, co: nn.Sequential(conv, norm_layer(norm, co), nn.LeakyReLU(negative_slope))
+        self.encoder = nn.Sequential(*[block(nn.Conv2d(a, b, kernel, 2, p), b) for a, b in zip(chs[:-1], chs[1:])])
+        outs = (*self.widths[-2::-1], self.widths[0])  # each level back to the width of the level above it
+        self.decoder = nn.Sequential(*[block(nn.ConvTranspose2d(a, b, kernel, 2, p, output_padding=1), b)
+                                       for a, b in zip(self.widths[::-1], outs)], nn.Conv2d(self.widths[0], in_ch, 1))
+
+# %% ../../nbs/06_models.ipynb #4cf1d720
+def _ae_encode(self, x: torch.Tensor) -> torch.Tensor:
+    "The spatial code (B, widths[-1], in/2**L, in/2**L)."
+    return self.encoder(x)
+
+def _ae_decode(self, z: torch.Tensor) -> torch.Tensor:
+    "Images in [0, 1] from spatial codes."
+    return torch.sigmoid(self.decoder(z))
+
+def _ae_forward(self, x: torch.Tensor) -> dict:
+    "recon and the spatial code z."
+    z = self.encode(x)
+    return {"recon": self.decode(z), "z": z}
+
+def _ae_reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    "Deterministic reconstruction: decode(encode(x))."
+    return self.decode(self.encode(x))
+
+def _ae_feature_layers(self) -> dict:
+    "The encoder levels by name, for feature hooks."
+    return {f"enc{l}": m for l, m in enumerate(self.encoder)}
+
+for _f in (_ae_encode, _ae_decode, _ae_forward, _ae_reconstruct, _ae_feature_layers):
+    setattr(SpatialAE, _f.__name__[len("_ae_"):], _f)
+del _f
 
 # %% ../../nbs/06_models.ipynb #7f5d1232
 def model_loss(model: nn.Module, x: torch.Tensor, out: dict, recon: str = "l2", kl_weight: float = 1.0) -> tuple[torch.Tensor, dict]:

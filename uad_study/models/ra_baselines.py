@@ -1,4 +1,4 @@
-"""The baselines of the Reversed-Autoencoders paper (Bercea et al., RA, Tables 1-2) beside SI-VAE and RA: the spatial autoencoder AE-S (Baur et al. 2021), the VAE with a 512-d latent (Zimmerer et al. 2019) and its ELBO, and multiresolution knowledge distillation, MKD (Salehi et al. 2021).
+"""The baselines of the Reversed-Autoencoders paper (Bercea et al., RA, Tables 1-2) beside SI-VAE and RA: the spatial autoencoder AE-S (Baur et al. 2021; `SpatialAE`, defined in `models.baselines` and used here), the VAE with a 512-d latent (Zimmerer et al. 2019) and its ELBO, and multiresolution knowledge distillation, MKD (Salehi et al. 2021).
 
 Docs: https://uad-study.github.io/uad_study/ra_baselines.html.md"""
 
@@ -16,63 +16,12 @@ from torchvision.models.vgg import cfgs as _vgg_cfgs, make_layers as _vgg_layers
 
 from ..core import UADInputError
 from ..losses import kl_divergence, recon_loss
-from .base import norm_layer
-from .baselines import DenseVAE
+from .baselines import DenseVAE, SpatialAE  # AE-S lives in models.baselines
 from ..objective import Objective
 
 # %% auto #0
-__all__ = ['VAE512', 'VGG16_WEIGHTS_FILE', 'VGG16_POOLS', 'VGG16_POOL_WIDTHS', 'MKD_STUDENT', 'SpatialAE', 'zimmerer_vae',
-           'VAEObjective', 'vgg16_weights_path', 'vgg16_teacher', 'mkd_student', 'mkd_loss', 'MKD', 'MKDObjective']
-
-# %% ../../nbs/06d_ra_baselines.ipynb #32bdc042
-class SpatialAE(nn.Module):
-    "Spatial autoencoder AE-S (Baur et al. 2021): strided convs to a spatial bottleneck, no dense layer; sigmoid output."
-    variational = False
-    def __init__(self,
-                 in_size: int = 128,                  # input edge, pixels (divisible by 2**len(widths))
-                 widths: tuple = (32, 64, 128, 128),  # channels of the stride-2 encoder levels; the last is the bottleneck's
-                 kernel: int = 5,                     # convolution kernel edge (odd)
-                 negative_slope: float = 0.3,         # leaky ReLU slope (0.3: the Keras default of the official code)
-                 norm: str = "batch",                 # "batch" (official) or "group"
-                 in_ch: int = 1,                      # image channels
-                 ):
-        super().__init__()
-        f = 2 ** len(widths)
-        if in_size % f: raise UADInputError(f"in_size must be divisible by 2**len(widths) = {f}", in_size)
-        if kernel % 2 == 0: raise UADInputError("kernel must be odd", kernel)
-        self.in_size, self.widths, self.s = in_size, tuple(widths), in_size // f
-        p, chs = kernel // 2, (in_ch, *widths)
-        block = lambda conv, co: nn.Sequential(conv, norm_layer(norm, co), nn.LeakyReLU(negative_slope))
-        self.encoder = nn.Sequential(*[block(nn.Conv2d(a, b, kernel, 2, p), b) for a, b in zip(chs[:-1], chs[1:])])
-        outs = (*self.widths[-2::-1], self.widths[0])  # each level back to the width of the level above it
-        self.decoder = nn.Sequential(*[block(nn.ConvTranspose2d(a, b, kernel, 2, p, output_padding=1), b)
-                                       for a, b in zip(self.widths[::-1], outs)], nn.Conv2d(self.widths[0], in_ch, 1))
-
-# %% ../../nbs/06d_ra_baselines.ipynb #4cf1d720
-def _ae_encode(self, x: torch.Tensor) -> torch.Tensor:
-    "The spatial code (B, widths[-1], in/2**L, in/2**L)."
-    return self.encoder(x)
-
-def _ae_decode(self, z: torch.Tensor) -> torch.Tensor:
-    "Images in [0, 1] from spatial codes."
-    return torch.sigmoid(self.decoder(z))
-
-def _ae_forward(self, x: torch.Tensor) -> dict:
-    "recon and the spatial code z."
-    z = self.encode(x)
-    return {"recon": self.decode(z), "z": z}
-
-def _ae_reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-    "Deterministic reconstruction: decode(encode(x))."
-    return self.decode(self.encode(x))
-
-def _ae_feature_layers(self) -> dict:
-    "The encoder levels by name, for feature hooks."
-    return {f"enc{l}": m for l, m in enumerate(self.encoder)}
-
-for _f in (_ae_encode, _ae_decode, _ae_forward, _ae_reconstruct, _ae_feature_layers):
-    setattr(SpatialAE, _f.__name__[len("_ae_"):], _f)
-del _f
+__all__ = ['VAE512', 'VGG16_WEIGHTS_FILE', 'VGG16_POOLS', 'VGG16_POOL_WIDTHS', 'MKD_STUDENT', 'zimmerer_vae', 'VAEObjective',
+           'vgg16_weights_path', 'vgg16_teacher', 'mkd_student', 'mkd_loss', 'MKD', 'MKDObjective']
 
 # %% ../../nbs/06d_ra_baselines.ipynb #bc67b229
 VAE512 = dict(widths=(64, 128, 256, 512, 512), latent=512)  # `SoftIntroVAE(**VAE512)`: RA's "VAE (latent 512)" on the SI-VAE net
