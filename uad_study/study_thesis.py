@@ -76,7 +76,7 @@ ThesisStudyConfig = compose_config("ThesisStudyConfig", {"run": RunPart, "data":
                                    "Everything that defines a thesis study run; written to the run's config.json.")
 
 # %% ../nbs/13d_study_thesis.ipynb #f9e84a7b
-_BASE = dict(recipe="thesis-v1", modality="t1", anomaly_map="positive", postprocess=("thesis_median5", "thesis"),
+_BASE = dict(recipe="thesis-v1", modality="t1", anomaly_map="absolute", postprocess=("thesis_median5", "thesis"),
              protocols=("val_greedy", "test_best", "healthy_fpr"), lr=1e-4, batch_size=16, brain_extraction="given")
 PROFILES = {k: {**_BASE, **v} for k, v in {
     "smoke": dict(train="benchmark:smoke", test="benchmark:smoke:healthy+glioma+infarct", val_anomalous="benchmark:smoke:glioma+infarct",
