@@ -22,9 +22,11 @@ from uad_study.study_quickstart import SPEC as QUICK
 from uad_study.study_trivae import SPEC as TRIVAE
 from uad_study.study_reversed import SPEC as REVERSED
 from uad_study.study_thesis import SPEC as THESIS
+from uad_study.study_ssae import SPEC as SSAE_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTER_SPECS = [("20_study_quickstart", QUICK), ("21_study_trivae", TRIVAE), ("22_study_reversed", REVERSED), ("23_study_thesis", THESIS)]
+CHAPTER_SPECS = [("20_study_quickstart", QUICK), ("21_study_trivae", TRIVAE), ("22_study_reversed", REVERSED), ("23_study_thesis", THESIS),
+                 ("24_study_ssae", SSAE_SPEC)]
 FAST = dict(epochs=1, models=("ae",), n_example_subjects=1)
 
 

@@ -18,7 +18,7 @@ __all__ = ['STUDIES', 'EXAMPLES', 'BENCHMARK_PRESETS', 'study_spec', 'add_study_
 
 # %% ../nbs/14_cli.ipynb #af862905
 STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae", "reversed": "uad_study.study_reversed",
-           "thesis": "uad_study.study_thesis"}
+           "thesis": "uad_study.study_thesis", "ssae": "uad_study.study_ssae"}
 
 EXAMPLES = {
     "demo": ["uad-study demo                                   # quickstart on the embedded phantom (2 CPU cores: ~6 min)",
@@ -38,8 +38,12 @@ EXAMPLES = {
                "uad-study thesis --profile cpu                    # two sizes per model, benchmark v2 standard, 64x64, 2 CPU cores",
                "uad-study thesis --profile paper --train 'ixi:/data/IXI-T1;nifti:/data/MN-T1,images=*.nii.gz' \\\n"
                "      --test 'brats:/data/BraTS2019-test;atlas:/data/ATLAS-test' --val-anomalous 'brats:/data/BraTS2019-val;atlas:/data/ATLAS-val'"],
+    "ssae": ["uad-study ssae                                    # smoke profile: dense AE vs dense SSAE, 64 px (minutes)",
+             "uad-study ssae --profile cpu                      # 128 and 64 px and eq. 6, benchmark v2 standard, MSLUB as a domain-shift check",
+             "uad-study ssae --profile paper --train 'nifti:/data/healthy-FLAIR,images=*.nii.gz' --test 'nifti:/data/MS,images=*_flair.nii.gz,labels=*_seg.nii.gz;brats:/data/BraTS'"],
 }
 
+# %% ../nbs/14_cli.ipynb #f664eca2
 def _choices(spec) -> dict:
     "Allowed values of the config fields that have a fixed set."
     from uad_study.study import EVAL_SPACES, THRESHOLD_PROTOCOLS
