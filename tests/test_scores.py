@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from uad_study.models.ssae import SSAE
 import torch
 import torchvision
 from skimage import exposure
@@ -187,6 +188,7 @@ def test_every_registered_map_runs_on_a_batch(rand_net):
     for name in ANOMALY_MAPS:
         kw = {"net": rand_net} if name in {"lpips", "residual_lpips", "reversed_ae"} else {}
         if name == "mkd": kw = {"model": MapModel()}
+        if name == "scale_space": kw = {"model": SSAE(levels=1, kind="dense", in_size=32)}   # a model with per-level outputs
         m, info = anomaly_map(name, x, x_hat, return_info=True, **kw)
         assert m.shape == (2, 32, 32) and m.dtype == np.float32, name
         assert info["map"].startswith(name) and isinstance(info["params"], dict)

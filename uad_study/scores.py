@@ -22,8 +22,8 @@ from .inference import residual
 # %% auto #0
 __all__ = ['LPIPS_BACKBONE_FILES', 'ANOMALY_MAPS', 'ssim_index_map', 'ssim_map', 'clahe', 'lpips_backbone_path', 'load_lpips',
            'is_real_lpips', 'lpips_map', 'residual_lpips_map', 'reversed_ae_map', 'clahe_absolute_map',
-           'scale_space_aggregate', 'model_map', 'describe_map', 'anomaly_map', 'slice_scores', 'reconstruction_error',
-           'latent_kl', 'subject_scores']
+           'scale_space_aggregate', 'model_map', 'level_outputs', 'scale_space_map', 'describe_map', 'anomaly_map',
+           'slice_scores', 'reconstruction_error', 'latent_kl', 'subject_scores']
 
 # %% ../nbs/09_scores.ipynb #d5660918
 def _stack(x, name: str = "x") -> np.ndarray:
@@ -229,6 +229,38 @@ def model_map(x, x_hat,
         if isinstance(model, torch.nn.Module): model.train(was_training)
     return out
 
+# %% ../nbs/09_scores.ipynb #d1fdc1bb
+@torch.no_grad()
+def level_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[list, list]:
+    "(I_k, clip(I^_k)) per level, finest first, of a model with per-level outputs (SSAE, MultiResolutionAE), in eval mode."
+    was = model.training; model.eval()
+    try: o = model(x)
+    finally: model.train(was)
+    if not isinstance(o, dict) or "images" not in o or "recons" not in o:
+        raise UADInputError("the model must return per-level 'images' and 'recons' (SSAE, MultiResolutionAE)", type(model).__name__)
+    return o["images"], [r.clamp(0, 1) for r in o["recons"]]
+
+def scale_space_map(x, x_hat,
+                    model: torch.nn.Module | None = None,  # trained SSAE or MultiResolutionAE (the study kit passes it)
+                    level: int = -1,                 # -1: every level aggregated (eq. 6); k >= 0: level k's residual alone
+                    kind: str = "absolute",          # residual per level: absolute, positive or squared (`inference.residual`)
+                    mode: str = "bilinear",          # up-sampling u of eq. 6 (`scale_space_aggregate`)
+                    batch_size: int = 32,
+                    ) -> np.ndarray:
+    "Eq. 6 over the model's per-level residuals (level -1) or level k's residual brought to the input size (N, H, W); x_hat unused."
+    a = np.asarray(x, np.float32)
+    if a.ndim != 3: raise UADInputError("slices must be (N, H, W)", a.shape)
+    if model is None: raise UADInputError("the scale-space map needs the trained `model` (pass model=...)", None)
+    p = next(iter(model.parameters()), None)
+    dev, out = (p.device if p is not None else torch.device("cpu")), np.empty(a.shape, np.float32)
+    for i in range(0, len(a), batch_size):
+        I, R = level_outputs(model, torch.from_numpy(np.array(a[i:i + batch_size])).to(dev)[:, None])
+        if not -1 <= level < len(I): raise UADInputError(f"level must be -1 (eq. 6) or lie in [0, {len(I) - 1}]", level)
+        rs = [residual(im[:, 0].float().cpu().numpy(), re[:, 0].float().cpu().numpy(), kind) for im, re in zip(I, R)]
+        if level >= 0: rs = [r if k == level else np.zeros_like(r) for k, r in enumerate(rs)]
+        out[i:i + len(rs[0])] = scale_space_aggregate(rs, mode)
+    return out
+
 # %% ../nbs/09_scores.ipynb #eab1b96d
 ANOMALY_MAPS: dict[str, Callable] = {
     "absolute": lambda x, x_hat, **kw: residual(*_pair(x, x_hat), "absolute"),
@@ -240,6 +272,7 @@ ANOMALY_MAPS: dict[str, Callable] = {
     "reversed_ae": reversed_ae_map,
     "clahe_absolute": clahe_absolute_map,  # Reversed-AE Table 3 "w/o PL"
     "mkd": model_map,                      # the model's own map (MKD: Salehi et al. 2021), given `model=`
+    "scale_space": scale_space_map,        # eq. 6 over a scale-space model's per-level residuals, given `model=`
 }
 _PERCEPTUAL = {"lpips", "residual_lpips", "reversed_ae"}
 _NOT_RECORDED = {"net", "batch_size", "device", "model"}  # do not change the numbers (net is recorded by its label; model: maps that use the trained model)

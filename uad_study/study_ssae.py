@@ -21,7 +21,7 @@ from .models.ssae import PLAIN_MODELS, SSAE, LaplacianPyramid, SSAEObjective, ss
 from .preprocess import build_slices
 from .training import train_model
 from .inference import residual
-from .scores import ANOMALY_MAPS, scale_space_aggregate
+from .scores import level_outputs, scale_space_aggregate, scale_space_map
 from .metrics import evaluate_protocol
 from .figures import new_figure, save_figure
 from .study import (SOURCE_KINDS, DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, accumulate_maps,
@@ -31,11 +31,11 @@ from .study import (SOURCE_KINDS, DataPart, EvalPart, ModelSpec, RunPart, StudyS
 # %% auto #0
 __all__ = ['VARIANTS', 'LOWER', 'PAPER_NAMES', 'MODEL_SPECS', 'SSAEStudyConfig', 'PROFILES', 'SMALL', 'LARGE', 'MODELS',
            'PAPER_DATA', 'COMPARATORS', 'SPEC', 'MultiResolutionAE', 'pyramid_images', 'fit_plain_levels', 'fit_ssae',
-           'level_outputs', 'scale_space_map', 'base_model', 'model_levels', 'entry_level', 'scale_label',
-           'SSAEModelPart', 'lesion_names', 'extra_test_source', 'study_model', 'study_objective', 'model_columns',
-           'describe_model', 'subject_groups', 'set_rows', 'load_extra_test', 'evaluate_ssae_model', 'per_set_table',
-           'paper_rows', 'wide_rows', 'table1', 'table2', 'complexity_table', 'paper_claims', 'compare_tables',
-           'level_errors', 'fig3_errors', 'fig2_reconstructions', 'ssae_figures', 'ssae_config', 'run_ssae_study']
+           'base_model', 'model_levels', 'entry_level', 'scale_label', 'SSAEModelPart', 'lesion_names',
+           'extra_test_source', 'study_model', 'study_objective', 'model_columns', 'describe_model', 'subject_groups',
+           'set_rows', 'load_extra_test', 'evaluate_ssae_model', 'per_set_table', 'paper_rows', 'wide_rows', 'table1',
+           'table2', 'complexity_table', 'paper_claims', 'compare_tables', 'level_errors', 'fig3_errors',
+           'fig2_reconstructions', 'ssae_figures', 'ssae_config', 'run_ssae_study']
 
 # %% ../nbs/13e_study_ssae.ipynb #8e667793
 class MultiResolutionAE(nn.Module):
@@ -98,40 +98,6 @@ def fit_plain_levels(model: MultiResolutionAE, sets: dict, cfg, ckpt_dir, resume
 def fit_ssae(model: SSAE, sets: dict, cfg, ckpt_dir, resume: bool, progress: bool) -> list[dict]:
     "ModelSpec.fit of an SSAE: `models.ssae.train_ssae`, level by level from the coarsest, with the config's loss and KL weight."
     return ssae_fit(cfg.recon_loss, cfg.beta_kl, train_fn=train_model, train_config=train_config)(model, sets, cfg, ckpt_dir, resume, progress)
-
-# %% ../nbs/13e_study_ssae.ipynb #47043e14
-@torch.no_grad()
-def level_outputs(model: nn.Module, x: torch.Tensor) -> tuple[list, list]:
-    "(I_k, clip(I^_k)) per level, finest first, of a model with per-level outputs (SSAE, MultiResolutionAE), in eval mode."
-    was = model.training; model.eval()
-    try: o = model(x)
-    finally: model.train(was)
-    if not isinstance(o, dict) or "images" not in o or "recons" not in o:
-        raise UADInputError("the model must return per-level 'images' and 'recons' (SSAE, MultiResolutionAE)", type(model).__name__)
-    return o["images"], [r.clamp(0, 1) for r in o["recons"]]
-
-def scale_space_map(x, x_hat,
-                    model: nn.Module | None = None,  # trained SSAE or MultiResolutionAE (the study kit passes it)
-                    level: int = -1,                 # -1: every level aggregated (eq. 6); k >= 0: level k's residual alone
-                    kind: str = "absolute",          # residual per level: absolute, positive or squared (`inference.residual`)
-                    mode: str = "bilinear",          # up-sampling u of eq. 6 (`scale_space_aggregate`)
-                    batch_size: int = 32,
-                    ) -> np.ndarray:
-    "Eq. 6 over the model's per-level residuals (level -1) or level k's residual brought to the input size (N, H, W); x_hat unused."
-    a = np.asarray(x, np.float32)
-    if a.ndim != 3: raise UADInputError("slices must be (N, H, W)", a.shape)
-    if model is None: raise UADInputError("the scale-space map needs the trained `model` (pass model=...)", None)
-    p = next(iter(model.parameters()), None)
-    dev, out = (p.device if p is not None else torch.device("cpu")), np.empty(a.shape, np.float32)
-    for i in range(0, len(a), batch_size):
-        I, R = level_outputs(model, torch.from_numpy(np.array(a[i:i + batch_size])).to(dev)[:, None])
-        if not -1 <= level < len(I): raise UADInputError(f"level must be -1 (eq. 6) or lie in [0, {len(I) - 1}]", level)
-        rs = [residual(im[:, 0].float().cpu().numpy(), re[:, 0].float().cpu().numpy(), kind) for im, re in zip(I, R)]
-        if level >= 0: rs = [r if k == level else np.zeros_like(r) for k, r in enumerate(rs)]
-        out[i:i + len(rs[0])] = scale_space_aggregate(rs, mode)
-    return out
-
-ANOMALY_MAPS["scale_space"] = scale_space_map   # registered for the study kit's score_slices (which passes model=)
 
 # %% ../nbs/13e_study_ssae.ipynb #b61b37ba
 VARIANTS = {"dense": (("ae-dense", "AE (dense)"), ("ssae-dense", "SSAE (dense)")),
