@@ -62,8 +62,7 @@ class DenseAE(nn.Module):
 # %% ../../nbs/06_models.ipynb #97b20e3b
 class DenseVAE(DenseAE):
     "Dense VAE: Gaussian latent of `latent_dim`; test-time reconstruction decodes the posterior mean."
-    variational = True
-    encode_gives_logvar = True   # `encode` returns mean and log-variance concatenated (`inference.encode` keeps the mean)
+    variational, encode_gives_logvar = True, True   # a KL term; `encode` gives mean and log-variance (`inference.encode` keeps the mean)
     def forward(self, x: torch.Tensor) -> dict:
         mu, logvar = self.encode(x).chunk(2, dim=1)
         logvar = logvar.clamp(-20, 10)

@@ -93,8 +93,7 @@ def ablation_config(row: str, **kw) -> TriVAEConfig:
 # %% ../../nbs/06a_trivae.ipynb #c4b82be3
 class TriVAE(nn.Module):
     "Triplet VAE: U-Net-like VAE with skips in the first three levels, embedding + sampled latent, coarse output, GCS."
-    variational = True
-    encode_gives_logvar = True   # `encode` returns mean and log-variance concatenated (`inference.encode` keeps the mean)
+    variational, encode_gives_logvar = True, True   # a KL term; `encode` gives mean and log-variance (`inference.encode` keeps the mean)
     def __init__(self, cfg: TriVAEConfig = TriVAEConfig(), in_channels: int = 1):
         super().__init__()
         self.cfg = cfg = check_trivae_config(cfg)
