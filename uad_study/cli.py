@@ -18,7 +18,8 @@ __all__ = ['STUDIES', 'EXAMPLES', 'BENCHMARK_PRESETS', 'study_spec', 'add_study_
 
 # %% ../nbs/14_cli.ipynb #af862905
 STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae", "reversed": "uad_study.study_reversed",
-           "thesis": "uad_study.study_thesis", "ssae": "uad_study.study_ssae"}
+           "thesis": "uad_study.study_thesis", "ssae": "uad_study.study_ssae",
+           "arch": "uad_study.study_arch"}
 
 EXAMPLES = {
     "demo": ["uad-study demo                                   # quickstart on the embedded phantom (2 CPU cores: ~6 min)",
@@ -41,6 +42,10 @@ EXAMPLES = {
     "ssae": ["uad-study ssae                                    # smoke profile: dense AE vs dense SSAE, 64 px (minutes)",
              "uad-study ssae --profile cpu                      # 128 and 64 px and eq. 6, benchmark v2 standard, MSLUB as a domain-shift check",
              "uad-study ssae --profile paper --train 'nifti:/data/healthy-FLAIR,images=*.nii.gz' --test 'nifti:/data/MS,images=*_flair.nii.gz,labels=*_seg.nii.gz;brats:/data/BraTS'"],
+    "arch": ["uad-study arch                                    # smoke profile: VQ-VAE, Swin-MAE, RA, VQ-VAE + Transformer (minutes)",
+             "uad-study arch --profile cpu                      # benchmark v2 T1 64 px, SSIM per site and on a shifted cohort, 2 CPU cores",
+             "uad-study arch --profile paper --train 'nifti:/data/HCP-T1,images=*.nii.gz' --test 'nifti:/data/shapes,images=*_t1.nii.gz,labels=*_seg.nii.gz' \\\n"
+             "      --healthy-sets 'IXI=ixi:/data/IXI-T1' 'OASIS=nifti:/data/OASIS3,images=*.nii.gz' --lpips-weights ~/alexnet-owt-7be5be79.pth"],
 }
 
 # %% ../nbs/14_cli.ipynb #f664eca2

@@ -6,7 +6,7 @@ Docs: https://uad-study.github.io/uad_study/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #83a30929
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, os, random, shutil, tempfile, time
+import contextlib, csv, dataclasses, hashlib, io, json, os, random, shutil, tempfile, time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,8 +16,8 @@ import torch
 
 # %% auto #0
 __all__ = ['UADInputError', 'project_root', 'data_dir', 'resolve_path', 'seed_everything', 'get_device', 'atomic_path',
-           'atomic_write_text', 'to_json', 'atomic_write_json', 'atomic_dir', 'config_hash', 'config_diff',
-           'prepare_run_dir', 'profile_config', 'Timer', 'paper_table_names', 'paper_table']
+           'atomic_write_text', 'atomic_write_rows', 'to_json', 'atomic_write_json', 'atomic_dir', 'config_hash',
+           'config_diff', 'prepare_run_dir', 'profile_config', 'Timer', 'paper_table_names', 'paper_table']
 
 # %% ../nbs/00_core.ipynb #c1a73914
 class UADInputError(ValueError):
@@ -87,6 +87,14 @@ def atomic_write_text(target: str | Path, text: str, overwrite: bool = True) -> 
     "Write `text` to `target` atomically."
     with atomic_path(target, overwrite) as tmp: tmp.write_text(text)
     return Path(target)
+
+# %% ../nbs/00_core.ipynb #42277163
+def atomic_write_rows(target: str | Path, rows: list[dict], overwrite: bool = True) -> Path:
+    "Write dict rows to `target` as CSV, atomically; header: the union of their keys in first-seen order."
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
+    w.writeheader(); w.writerows(rows)
+    return atomic_write_text(target, buf.getvalue(), overwrite)
 
 # %% ../nbs/00_core.ipynb #a8e44342
 def _jsonable(o):

@@ -8,7 +8,7 @@ Docs: https://uad-study.github.io/uad_study/study.html.md"""
 from __future__ import annotations
 import dataclasses, inspect, json, os, platform, re, subprocess, sys, time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,8 @@ from .io import Subject, canonical_shape, save_like
 from .datasets import DATASETS, detect_dataset, find_subjects
 from .phantom import PhantomConfig, ensure_phantom
 from .benchmark import PRESETS as BENCHMARK_PRESETS, benchmark_config, benchmark_subjects, ensure_benchmark
-from .preprocess import (RECIPES, SliceSet, build_slices, get_recipe, qc_montage, read_split, slice_spacing, split_ids,
+from .objective import Objective
+from .preprocess import (RECIPES, RandomAffineFlip, SliceSet, build_slices, get_recipe, qc_montage, read_split, slice_spacing, split_ids,
                                   splits_dir, undo_volume_steps, unresize_slices)
 from .training import TrainConfig, init_distributed, train_model
 from .inference import reconstruct
@@ -37,11 +38,12 @@ from .figures import plot_panels, plot_pr_curves, plot_training_curves, round_ta
 # %% auto #0
 __all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'DataSource', 'parse_source', 'source_kinds',
            'source_subjects', 'RunPart', 'DataPart', 'TrainPart', 'EvalPart', 'field_docs', 'compose_config',
-           'config_parts', 'ModelSpec', 'StudySpec', 'model_row', 'map_name', 'make_config', 'validate_config',
-           'train_config', 'select_subjects', 'subject_volumes', 'uses_mm', 'accumulate_maps', 'threshold_protocols',
-           'evaluate_maps', 'protocol_rows', 'protocols_record', 'score_slices', 'write_split_csv', 'environment_info',
-           'write_maps', 'example_slices', 'slices_with_subjects', 'StudyContext', 'study_config_record',
-           'study_recipe', 'prepare_study', 'load_study_data', 'train_study_model', 'evaluate_study_model',
+           'config_parts', 'ModelSpec', 'StudySpec', 'model_row', 'model_train_overrides', 'map_name', 'make_config',
+           'validate_config', 'train_config', 'select_subjects', 'subject_volumes', 'uses_mm', 'accumulate_maps',
+           'threshold_protocols', 'evaluate_maps', 'protocol_rows', 'protocols_record', 'score_slices',
+           'write_split_csv', 'environment_info', 'write_maps', 'example_slices', 'slices_with_subjects',
+           'AugmentedObjective', 'StudyContext', 'study_config_record', 'study_recipe', 'prepare_study',
+           'load_study_data', 'load_extra_slices', 'subject_groups', 'train_study_model', 'evaluate_study_model',
            'subject_score_table', 'common_figures', 'finish_study', 'run_study', 'format_summary', 'parameters_cell',
            'config_from_parameters', 'phantom_qc_montages']
 
@@ -250,7 +252,7 @@ class ModelSpec:
     objective: Callable                   # cfg -> training Objective (uad_study.training)
     describe: Callable = lambda cfg: {}   # cfg -> JSON-able description (architecture, objective, noise, ...)
     row: dict | Callable = field(default_factory=dict)  # extra columns of its result rows (or cfg -> them), e.g. the paper's table row
-    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields fixed for this model (e.g. drop_last)
+    train_overrides: dict | Callable = field(default_factory=dict)  # TrainConfig fields fixed for this model (e.g. drop_last), or cfg -> them
     fit: Callable | None = None           # (model, data, cfg, ckpt_dir, resume, progress) -> history; None: one train_model call
     map_kwargs: Callable = lambda cfg: {} # cfg -> extra arguments of the anomaly map
     train_data: Callable | None = None    # SliceSet -> what the engine trains on (array or dict of arrays); None: the slices
@@ -276,6 +278,10 @@ class StudySpec:
 def model_row(ms: ModelSpec, cfg) -> dict:
     "The extra result columns of a model under `cfg`."
     return ms.row(cfg) if callable(ms.row) else dict(ms.row)
+
+def model_train_overrides(ms: ModelSpec, cfg) -> dict:
+    "The TrainConfig fields a model fixes under `cfg` (per-model learning rates, batch sizes, schedules)."
+    return ms.train_overrides(cfg) if callable(ms.train_overrides) else dict(ms.train_overrides)
 
 def map_name(ms: ModelSpec, cfg) -> str:
     "The anomaly map a model is scored with: its own, or the config's."
@@ -523,6 +529,37 @@ def slices_with_subjects(ss: SliceSet) -> dict:
     for i in range(len(ss.subjects)): subject[ss.subject_range(i)] = i
     return {"image": ss.slices, "subject": subject}
 
+# %% ../nbs/13_study.ipynb #ec815b82
+class AugmentedObjective(Objective):
+    "Another objective with its own learning rate and a seeded affine + flip augmentation of the training images."
+    def __init__(self,
+                 inner: Objective,                 # the model's objective
+                 lr: float | None = None,          # its learning rate (default optimiser); None: the run's TrainConfig.lr
+                 augment: RandomAffineFlip | None = RandomAffineFlip(),  # None: no augmentation
+                 seed: int = 0,                    # augmentation seed (with the global step)
+                 ):
+        self.inner, self.lr, self.augment, self.seed = inner, lr, augment, seed
+    def __getattr__(self, k):  # anything else the engine asks for comes from the wrapped objective
+        if k == "inner": raise AttributeError(k)
+        return getattr(self.inner, k)
+    # `Objective` defines these as class attributes, so `__getattr__` never sees them: forward them explicitly
+    @property
+    def collapse_kl_floor(self): return getattr(self.inner, "collapse_kl_floor", None)
+    @property
+    def ddp_kwargs(self): return getattr(self.inner, "ddp_kwargs", {})
+    def optimizers(self, model, cfg): return self.inner.optimizers(model, cfg if self.lr is None else replace(cfg, lr=self.lr))
+    def train_step(self, model, batch, step):
+        "Augment the batch's images (seeded by seed and global step), then the inner objective's step."
+        if self.augment is not None and "image" in batch:
+            x, _ = self.augment(batch["image"], np.random.default_rng([self.seed, step.global_step]))
+            batch = {**batch, "image": x}
+        return self.inner.train_step(model, batch, step)
+    def loss(self, model, batch): return self.inner.loss(model, batch)
+    def val_loss(self, model, batch): return self.inner.val_loss(model, batch)
+    def val_batches(self, data, batch_size): return self.inner.val_batches(data, batch_size)
+    def state_dict(self): return self.inner.state_dict()
+    def load_state_dict(self, state): self.inner.load_state_dict(state)
+
 # %% ../nbs/13_study.ipynb #038bf535
 @dataclass
 class StudyContext:
@@ -554,14 +591,19 @@ def _model_record(ms: ModelSpec, cfg) -> dict:
     rec = ms.describe(cfg) | {"row": model_row(ms, cfg), "anomaly_map": describe_map(map_name(ms, cfg), **ms.map_kwargs(cfg))}
     return rec | ({"weights_of": ms.weights_of} if ms.weights_of else {})
 
+def _run_map_record(name: str) -> dict:
+    "The run-level map record; a map that needs a network (LPIPS) is described per model in models_detail."
+    try: return describe_map(name)
+    except UADInputError: return {"map": name, "params": "per model: models_detail[MODEL]['anomaly_map']"}
+
 def study_config_record(spec: StudySpec, cfg, sources: dict, device) -> dict:
     "config.json: the parts, the sources, the recipe's steps, each model, training, post-processing and protocols."
     recipe = study_recipe(cfg)
     return {"study": spec.name, "title": spec.title, **config_parts(cfg),
             "sources": {r: str(s) for r, s in sources.items()}, "preprocessing": recipe.steps(), "recipe": asdict(recipe),
             "models_detail": {m: _model_record(spec.models[m], cfg) for m in cfg.models},
-            "training_detail": {m: asdict(train_config(cfg, **spec.models[m].train_overrides)) for m in cfg.models},
-            "anomaly_map": describe_map(cfg.anomaly_map),
+            "training_detail": {m: asdict(train_config(cfg, **model_train_overrides(spec.models[m], cfg))) for m in cfg.models},
+            "anomaly_map": _run_map_record(cfg.anomaly_map),
             "postprocessing": {p: postprocess_steps(PRESETS[p]) for p in cfg.postprocess},   # mm presets: voxel sizes per subject in metrics.json
             "protocols": protocols_record(cfg), "environment": environment_info(device)}
 
@@ -607,6 +649,21 @@ def load_study_data(ctx: StudyContext) -> None:
         print(f"note: the test subjects ({ctx.data['info']['roles']['test']['spec']}) have no lesion labels: anomaly maps and "
               "subject scores are written, segmentation metrics are not")
 
+# %% ../nbs/13_study.ipynb #2dc422e9
+def load_extra_slices(ctx: StudyContext, key: str, text: str) -> SliceSet | None:
+    "The slices of the extra source `text` under `ctx.sets[key]` (built once); None when `text` is empty."
+    if key in ctx.sets: return ctx.sets[key]
+    if not text: return None
+    subs, where = source_subjects(parse_source(text, "test"), "test", ctx.cfg, ctx.progress)
+    ctx.data[key] = subs; ctx.data["info"].setdefault("extra_sets", {})[key] = where["source"]
+    ctx.sets[key] = build_slices(subs, study_recipe(ctx.cfg), n_jobs=ctx.cfg.n_jobs, progress=ctx.progress, desc=f"preprocess {key}")
+    return ctx.sets[key]
+
+def subject_groups(ctx: StudyContext, role: str = "test") -> list[str]:
+    "Each subject's group: its benchmark class, else 'healthy' without lesion voxels, else its dataset (or 'anomalous')."
+    return [sub.meta.get("cls") or ("healthy" if not s["label_voxels_total"] else sub.meta.get("dataset") or "anomalous")
+            for s, sub in zip(ctx.sets[role].subjects, ctx.data[role])]
+
 # %% ../nbs/13_study.ipynb #7f88a66c
 def train_study_model(ctx: StudyContext, name: str) -> list[dict]:
     "Build, train (or resume) model `name`; returns its per-epoch history."
@@ -622,8 +679,9 @@ def train_study_model(ctx: StudyContext, name: str) -> list[dict]:
         if ms.fit is not None: hist = ms.fit(model, ctx.sets, cfg, ckpt, True, ctx.progress)
         else:
             data = ms.train_data or (lambda ss: ss.slices)
-            hist = train_model(model, data(ctx.sets["train"]), data(ctx.sets["val"]), train_config(cfg, **ms.train_overrides),
-                               ckpt, resume=True, progress=ctx.progress, name=name, objective=ms.objective(cfg))
+            tc = train_config(cfg, **model_train_overrides(ms, cfg))
+            hist = train_model(model, data(ctx.sets["train"]), data(ctx.sets["val"]), tc, ckpt, resume=True,
+                               progress=ctx.progress, name=name, objective=ms.objective(cfg))
     ctx.models[name] = model
     ctx.outputs[name] = {"history": hist}
     return hist

@@ -30,12 +30,12 @@ from .inference import reconstruct
 from .scores import load_lpips, lpips_map
 from .metrics import bbox_localisation, pixel_metrics
 from .figures import save_figure
-from .study import (DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config, make_config,
-                             map_name, parse_source, source_kinds, run_study, score_slices, subject_volumes)
+from .study import (AugmentedObjective, DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config,
+                             make_config, map_name, parse_source, source_kinds, run_study, score_slices, subject_volumes)
 
 # %% auto #0
 __all__ = ['MODEL_SPECS', 'PAPER_LR', 'TABLE1', 'TABLE2', 'TABLE3', 'GROUPS', 'RAStudyConfig', 'ALL_CLASSES', 'PROFILES',
-           'MODELS', 'SYNTHETIC_KINDS', 'PAPER_DATA', 'SPEC', 'RAModelPart', 'RAObjective', 'model_lr', 'study_model',
+           'RAObjective', 'MODELS', 'SYNTHETIC_KINDS', 'PAPER_DATA', 'SPEC', 'RAModelPart', 'model_lr', 'study_model',
            'study_objective', 'lpips_net', 'perceptual_label', 'map_kwargs', 'teacher_label', 'describe_model',
            'subject_classes', 'subject_detection_scores', 'bootstrap_auroc', 'detection_rows', 'box_slice',
            'localisation', 'synthetic_inputs', 'synthetic_rows', 'lesion_coverage', 'evaluate_ra_model', 'table1',
@@ -125,35 +125,7 @@ def _validate(cfg) -> None:
                             (cfg.train, cfg.test))
 
 # %% ../nbs/13c_study_reversed.ipynb #b2a14eae
-class RAObjective(Objective):
-    "Another objective with its own learning rate and RA's seeded affine + flip augmentation of the training batches."
-    def __init__(self,
-                 inner: Objective,                 # the model's objective
-                 lr: float,                        # its learning rate (default optimiser; Soft-Intro sets its own)
-                 augment: RandomAffineFlip | None = RandomAffineFlip(),  # None: no augmentation
-                 seed: int = 0,                    # augmentation seed (with the global step)
-                 ):
-        self.inner, self.lr, self.augment, self.seed = inner, lr, augment, seed
-    def __getattr__(self, k):  # anything else the engine asks for comes from the wrapped objective
-        if k == "inner": raise AttributeError(k)
-        return getattr(self.inner, k)
-    # `Objective` defines these as class attributes, so `__getattr__` never sees them: forward them explicitly
-    @property
-    def collapse_kl_floor(self): return getattr(self.inner, "collapse_kl_floor", None)
-    @property
-    def ddp_kwargs(self): return getattr(self.inner, "ddp_kwargs", {})
-    def optimizers(self, model, cfg): return self.inner.optimizers(model, replace(cfg, lr=self.lr))
-    def train_step(self, model, batch, step):
-        "Augment the batch's images (seeded by seed and global step), then the inner objective's step."
-        if self.augment is not None:
-            x, _ = self.augment(batch["image"], np.random.default_rng([self.seed, step.global_step]))
-            batch = {**batch, "image": x}
-        return self.inner.train_step(model, batch, step)
-    def loss(self, model, batch): return self.inner.loss(model, batch)
-    def val_loss(self, model, batch): return self.inner.val_loss(model, batch)
-    def val_batches(self, data, batch_size): return self.inner.val_batches(data, batch_size)
-    def state_dict(self): return self.inner.state_dict()
-    def load_state_dict(self, state): self.inner.load_state_dict(state)
+RAObjective = AugmentedObjective   # the name this chapter has used; the class lives in the study kit
 
 # %% ../nbs/13c_study_reversed.ipynb #fb20dc35
 def model_lr(name: str, cfg) -> float:

@@ -6,7 +6,7 @@ Docs: https://uad-study.github.io/uad_study/ssae.html.md"""
 
 # %% ../../nbs/06g_ssae.ipynb #a7879af0
 from __future__ import annotations
-import contextlib, csv, inspect, io
+import contextlib, inspect
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import UADInputError, atomic_write_text
+from ..core import UADInputError, atomic_write_rows
 from ..losses import kl_divergence, recon_loss
 from .baselines import DenseAE, DenseVAE, SpatialAE
 from ..objective import Objective
@@ -247,11 +247,6 @@ class SSAEObjective(Objective):
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
-def _write_history(path: Path, rows: list) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=keys, restval=""); w.writeheader(); w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
 def train_ssae(model: SSAE,
                train,                  # training slices (N, H, W) in [0, 1] (or the engine's dict of arrays)
                val,                    # healthy validation slices (early stopping per level), or None
@@ -272,7 +267,7 @@ def train_ssae(model: SSAE,
         rows = train_fn(model, train, val, cfg, ckpt_dir / f"level{k}", resume=resume, progress=progress,
                         name=f"{name} level {k}", objective=SSAEObjective(k, kind_loss, beta_kl))
         for r in rows: hist.append({**r, "epoch": len(hist) + 1, "level": k, "level_epoch": r["epoch"]})
-    if _is_main(): _write_history(ckpt_dir / "train_log.csv", hist)
+    if _is_main(): atomic_write_rows(ckpt_dir / "train_log.csv", hist)
     model.eval()
     return hist
 
