@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.uad_study-installed
 PYTHON ?= python3
 
-.PHONY: help venv demo demo-seeds smoke test sync nbtest pytest bench qc clean-runs
+.PHONY: help venv demo demo-seeds smoke test sync nbtest pytest bench qc docs clean-docs clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create/update .venv with the package and its pinned dependencies
+
+# The docs tools (the `docs` extra) get their own stamp, so `make test` never waits for them.
+DOCS_STAMP := $(VENV)/.uad_study-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,docs]"
+	@touch $(DOCS_STAMP)
 
 # Repeatable CPU numbers across x86-64 machines: the same vector kernels (AVX2) in oneDNN, ATen and MKL whatever
 # the processor offers (AVX-512 kernels give different floats); the demo profile also fixes torch to 2 threads.
@@ -52,6 +58,21 @@ bench: $(STAMP)  ## speed/memory benchmarks with their references (results: benc
 
 qc: $(STAMP)  ## QC montages of the embedded phantom under every preprocessing recipe (figures/qc/)
 	$(PY) -c "from uad_study.study import phantom_qc_montages; print(*phantom_qc_montages(), sep='\\n')"
+
+# MathJax 3 for the site's equations, from the npm registry at a pinned version and checksum (docs/fetch_mathjax.py
+# says why it is fetched rather than committed); the tarball stays in $(VENV)/cache, so later builds are offline.
+MATHJAX := docs/_static/mathjax/VERSION
+$(MATHJAX): docs/fetch_mathjax.py
+	$(PY) docs/fetch_mathjax.py --cache $(VENV)/cache
+
+# -E: every page re-read, so a warning in any page fails every build (Sphinx >= 8.1 reports them all, then fails).
+SPHINXOPTS ?=
+docs: $(DOCS_STAMP) $(MATHJAX)  ## the documentation site in docs/_build/html, from the notebooks as saved (warnings are errors)
+	$(BIN)/sphinx-build -b html -E -W -q -d docs/_build/doctrees $(SPHINXOPTS) docs docs/_build/html
+	@echo "Site built: open file://$(CURDIR)/docs/_build/html/index.html (static files: publish by copying docs/_build/html/)"
+
+clean-docs:  ## delete the built site and the generated API pages (the MathJax tarball in $(VENV)/cache is kept)
+	rm -rf docs/_build docs/api docs/_static/mathjax
 
 clean-runs:  ## delete runs/ (run folders); data caches in data/ are kept
 	rm -rf runs
