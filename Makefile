@@ -6,7 +6,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.uad_study-installed
 PYTHON ?= python3
 
-.PHONY: help venv demo demo-seeds smoke test sync nbtest pytest bench qc docs clean-docs clean-runs
+.PHONY: help venv demo demo-seeds smoke test sync nbtest pytest bench qc docs docs-check clean-docs clean-runs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -45,13 +45,16 @@ sync: $(STAMP)  ## notebooks and library in sync: nbdev-export must not change u
 	@git diff --exit-code --stat -- uad_study || { echo "uad_study/ differs from what the notebooks export: run nbdev-export and commit, never edit uad_study/ by hand"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- uad_study)" || { git status --short -- uad_study; echo "nbdev-export created files that are not committed"; exit 1; }
 
+# The notebook tests run every library chapter as nbdev-test does (its skip flags, cwd nbs/) and keep the executed
+# notebooks in docs/_build/executed/ for the site; the study chapters' papermill smoke runs (pytest) go there too.
+EXECUTED := docs/_build/executed
 nbtest: $(STAMP)  ## run the library notebooks' cells as tests (study chapters run under papermill in pytest)
-	$(BIN)/nbdev-test --n-workers 2 --skip-file-re '^2[0-9]_study_'
+	$(PY) -m uad_study.docsite execute --library --force --jobs 2
 
 pytest: $(STAMP)  ## pytest: unit tests, bad inputs, determinism, and a papermill smoke run of every study chapter
-	$(BIN)/pytest -q
+	UAD_DOCS_EXECUTED=$(CURDIR)/$(EXECUTED) $(BIN)/pytest -q -m "not site"
 
-test: sync nbtest pytest  ## every check: sync, notebook tests, pytest (incl. papermill smoke runs)
+test: sync nbtest pytest docs docs-check  ## every check: sync, notebook tests, pytest (incl. papermill smoke runs), the site built and checked in a browser
 
 bench: $(STAMP)  ## speed/memory benchmarks with their references (results: benchmarks/README.md)
 	$(PY) benchmarks/run_all.py
@@ -67,12 +70,20 @@ $(MATHJAX): docs/fetch_mathjax.py
 
 # -E: every page re-read, so a warning in any page fails every build (Sphinx >= 8.1 reports them all, then fails).
 SPHINXOPTS ?=
-docs: $(DOCS_STAMP) $(MATHJAX)  ## the documentation site in docs/_build/html, from the notebooks as saved (warnings are errors)
-	$(BIN)/sphinx-build -b html -E -W -q -d docs/_build/doctrees $(SPHINXOPTS) docs docs/_build/html
+# Chapters whose executed copy is missing or older than the code are executed first (after `make test`, none are);
+# RUNS="runs/arch-cpu ...": those run folders' chapters are shown with their own outputs (resumed, not retrained).
+RUNS ?=
+docs: $(DOCS_STAMP) $(MATHJAX)  ## the documentation site in docs/_build/html (RUNS="run folders" to show cpu/paper runs; warnings are errors)
+	$(PY) -m uad_study.docsite execute $(if $(strip $(RUNS)),--library --study --runs $(RUNS))
+	UAD_DOCS_RUNS="$(RUNS)" $(BIN)/sphinx-build -b html -E -W -q -d docs/_build/doctrees $(SPHINXOPTS) docs docs/_build/html
 	@echo "Site built: open file://$(CURDIR)/docs/_build/html/index.html (static files: publish by copying docs/_build/html/)"
 
-clean-docs:  ## delete the built site and the generated API pages (the MathJax tarball in $(VENV)/cache is kept)
-	rm -rf docs/_build docs/api docs/_static/mathjax
+# Without a chromium binary the browser checks skip with a message (a user's machine), except in CI (CI=true).
+docs-check: $(DOCS_STAMP)  ## the built site in headless Chromium (Debian's chromium): links, equations, images, no network; screenshots
+	UAD_REQUIRE_DOCS=1 UAD_REQUIRE_BROWSER=$(if $(filter true 1,$(CI)),1,0) $(BIN)/pytest -q -rs -m site tests/test_docs_site.py
+
+clean-docs:  ## delete the built site, executed notebooks and generated pages (the MathJax tarball in $(VENV)/cache is kept)
+	rm -rf docs/_build docs/api docs/generated docs/_static/mathjax
 
 clean-runs:  ## delete runs/ (run folders); data caches in data/ are kept
 	rm -rf runs

@@ -10,7 +10,7 @@ repository root as source folder would do the same without links, but every run,
 then have to be excluded, and the site's pages would sit under docs/.)
 """
 from __future__ import annotations
-import ast, dataclasses, importlib, inspect, json, pkgutil, re, sys, textwrap
+import ast, dataclasses, importlib, inspect, json, os, pkgutil, re, sys, textwrap
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -50,6 +50,10 @@ html_title = "uad_study"
 html_static_path = ["_static"]
 html_theme_options = {"show_toc_level": 2, "use_download_button": True, "use_fullscreen_button": False,
                       "launch_buttons": {}, "navigation_with_keys": False}
+# the theme's mode on a first visit (an empty one logs a console error), and no result snippets on the search page: they
+# are fetched per result, which a browser refuses for a site opened from files (one CORS error per result)
+html_context = {"default_mode": "auto"}
+html_show_search_summary = False
 mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static/ of the built site
 
 if not (DOCS / "_static" / "mathjax" / "tex-mml-chtml.js").is_file():
@@ -112,6 +116,22 @@ def write_api_pages() -> list[str]:
 API_MODULES = write_api_pages()
 
 
+# ---- generated pages (docs/generated/, git-ignored): the results page and the CLI reference ----------------------
+def write_generated_pages() -> None:
+    "results.md from every run folder the site knows (smoke runs executed for it, committed cpu runs, RUNS); cli.md."
+    from uad_study.docsite import STUDY_RE, cli_reference, results_page
+    out = DOCS / "generated"; out.mkdir(exist_ok=True)
+    runs = [(f"smoke run of the docs build", d) for d in sorted((EXEC_DIR / "runs").glob("2[0-9]_study_*"))
+            if (d / "metrics.json").is_file()]
+    runs += [(f"figures/{d.name} (committed)", d) for d in sorted((ROOT / "figures").glob("*-cpu")) if (d / "config.json").is_file()]
+    runs += [(str(r.relative_to(ROOT)) if r.is_relative_to(ROOT) else str(r), r) for r in USER_RUNS]
+    chapters = {STUDY_RE.match(p.stem).group(1): p.stem for p in (ROOT / "nbs").glob("2[0-9]_study_*.ipynb")}
+    chapters["quickstart"] = chapters.get("quickstart", "20_study_quickstart")
+    results_page(runs, out, chapters)
+    _write_if_changed(out / "cli.md", cli_reference())
+
+
+
 # ---- nbdev notebooks: cell directives become myst-nb tags, each library chapter links to its API page ---------
 _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
 _TAGS = {("hide", ""): "remove-cell", ("include", "false"): "remove-cell",
@@ -147,9 +167,7 @@ def _default_exp(nb: dict) -> str | None:
 
 # Images a notebook shows but that are not committed yet: the page says so instead of failing the build. Every
 # other missing image is an error. Remove an entry once its file is in git.
-MISSING_IMAGES = {
-    "figures/benchmark/artefacts.png": "made by the `#| slow` cell above it in nbs/03a_benchmark.ipynb",
-}
+MISSING_IMAGES: dict[str, str] = {}
 
 
 def missing_images(nb: dict) -> dict:
@@ -165,10 +183,46 @@ def missing_images(nb: dict) -> dict:
     return nb
 
 
+# ---- executed copies (uad_study.docsite): every chapter page shows the outputs of a run of the code it documents ----
+from uad_study.docsite import EXECUTED, executed_meta, notebook_key, run_page  # noqa: E402
+
+EXEC_DIR = ROOT / EXECUTED
+# `make docs RUNS="runs/arch-cpu ..."`: those run folders' chapters are shown with that run's outputs instead of smoke
+USER_RUNS = [Path(r).resolve() for r in os.environ.get("UAD_DOCS_RUNS", "").split()]
+RUN_PAGES = {}
+for _r in USER_RUNS:
+    _src, _dst, _profile = run_page(_r, EXEC_DIR)
+    RUN_PAGES[_src.stem] = (_dst, _profile, _r)
+
+
+def executed_copy(stem: str) -> tuple[dict | None, str]:
+    "The executed notebook to show for chapter `stem` and the note that heads its page ('' for a current library copy)."
+    src = ROOT / "nbs" / f"{stem}.ipynb"
+    if stem in RUN_PAGES: dst, profile, run = RUN_PAGES[stem]; extra = f"{profile} {run}"
+    else: dst, profile, run, extra = EXEC_DIR / f"{stem}.ipynb", "smoke", None, "smoke " if STUDY.match(stem) else ""
+    meta = executed_meta(dst)
+    if meta.get("key") != notebook_key(src, extra=extra):
+        return None, (":::{warning}\nThis page shows the chapter **without outputs**: its executed copy is missing or "
+                      "older than the code (`make docs` executes what is stale).\n:::")
+    nb = json.loads(dst.read_text())
+    if not STUDY.match(stem): return nb, ""
+    where = f"the run folder `{Path(run).relative_to(ROOT) if run.is_relative_to(ROOT) else run}`" if run else "the docs' own smoke run"
+    what = ("a test that the chapter's path works on the embedded data in minutes, **not a result**: the `cpu` "
+            "runs' numbers are on the {doc}`results page </generated/results>`") if profile == "smoke" else \
+           f"the `{profile}` profile's results"
+    return nb, (f":::{{note}}\nOutputs of the **`{profile}` profile** ({where}; executed {meta.get('executed', '?')}, commit "
+                f"`{meta.get('git_commit', '?')}`, {meta.get('seconds', '?')} s): {what}. Every output on this page comes from "
+                "this one run.\n:::")
+
+
+STUDY = re.compile(r"^2\d_study_\w+$")
+
+
 def on_source_read(app, docname: str, source: list[str]) -> None:
-    "Render nbdev notebooks as nbdev's own docs would (see nbdev_cells) and link each chapter to its API page."
+    "Render nbdev notebooks as nbdev's own docs would (see nbdev_cells), from their executed copy, each chapter linked to its API page."
     if not (docname.startswith("nbs/") and str(app.env.doc2path(docname)).endswith(".ipynb")): return
-    nb = json.loads(source[0])
+    nb, note = executed_copy(docname[len("nbs/"):])
+    nb = nb or json.loads(source[0])
     mod = _default_exp(nb)
     nb = missing_images(nbdev_cells(nb))
     # a few notebooks carry no kernelspec (jupytext `notebook_metadata_filter: -all`): their code is Python too
@@ -178,6 +232,9 @@ def on_source_read(app, docname: str, source: list[str]) -> None:
         nb["cells"].insert(at, {"cell_type": "markdown", "id": "uad-docs-api-link", "metadata": {},
                                 "source": f"**API reference:** {{doc}}`{mod} </api/{mod}>` (signatures, docstrings, "
                                           f"per-parameter comments of what this chapter exports)."})
+    if note:
+        at = next((i + 1 for i, c in enumerate(nb["cells"]) if c["cell_type"] == "markdown"), 0)
+        nb["cells"].insert(at, {"cell_type": "markdown", "id": "uad-docs-run-note", "metadata": {}, "source": note})
     source[0] = json.dumps(nb)
 
 
@@ -236,6 +293,9 @@ def on_docstring(app, what: str, name: str, obj, options, lines: list[str]) -> N
     if sig:
         lines += ["", ".. code-block:: python", "   :caption: in the source, with the comment on each parameter", ""]
         lines += ["   " + l for l in sig] + [""]
+
+
+write_generated_pages()
 
 
 def setup(app):

@@ -23,10 +23,11 @@ from uad_study.study_trivae import SPEC as TRIVAE
 from uad_study.study_reversed import SPEC as REVERSED
 from uad_study.study_thesis import SPEC as THESIS
 from uad_study.study_ssae import SPEC as SSAE_SPEC
+from uad_study.study_arch import SPEC as ARCH_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER_SPECS = [("20_study_quickstart", QUICK), ("21_study_trivae", TRIVAE), ("22_study_reversed", REVERSED), ("23_study_thesis", THESIS),
-                 ("24_study_ssae", SSAE_SPEC)]
+                 ("24_study_ssae", SSAE_SPEC), ("25_study_arch", ARCH_SPEC)]
 FAST = dict(epochs=1, models=("ae",), n_example_subjects=1)
 
 
