@@ -59,3 +59,33 @@ def test_benchmark_presets_match_the_generator():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     preset = next(a for a in sub.choices["benchmark"]._actions if a.dest == "preset")
     assert list(preset.choices) == list(PRESET_NAMES)
+
+
+def _run_folder(d: Path, study: str, models: tuple, results: list | None) -> Path:
+    "A hand-made run folder: config.json, weights for each model, metrics.json when `results` is given."
+    import json
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"study": study, "run": {"profile": "cpu"}, "model": {"models": list(models)},
+                                               "data": {"train": "ixi:/data/IXI", "test": "brats:/data/BraTS"}}))
+    for m in models: (d / "models" / m).mkdir(parents=True); (d / "models" / m / "last.pt").write_bytes(b"")
+    if results is not None: (d / "metrics.json").write_text(json.dumps({"results": results}))
+    return d
+
+
+def test_runs_lists_runs_with_their_key_metrics(tmp_path, capsys, monkeypatch):
+    res = [dict(model="ae", postprocess="mask_only", protocol="healthy_fpr", auroc=0.75, auprc=0.125, dice=0.25)]
+    _run_folder(tmp_path / "runs" / "trivae-cpu", "trivae", ("ae",), res)
+    _run_folder(tmp_path / "runs" / "old" / "arch-cpu", "arch", ("vqvae", "ra"), None)   # still training
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs"]) == 0
+    out = capsys.readouterr().out
+    assert "trivae" in out and "0.7500" in out and "0.1250" in out and "healthy_fpr" in out and "runs/trivae-cpu" in out
+    assert "training (2/2 models have weights)" in out and sum(" arch " in l for l in out.splitlines()) == 2  # a row per model
+    assert main(["runs", "--csv", "t.csv"]) == 0 and (tmp_path / "t.csv").read_text().count("\n") == 4
+    assert main(["runs", "--csv", "t.csv"]) == 2                                    # an existing file is not replaced
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["runs", "--csv", "t.csv", "--overwrite"]) == 0
+
+
+def test_runs_on_an_empty_folder(tmp_path, capsys):
+    assert main(["runs", str(tmp_path)]) == 0 and "no run folders" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from .core import UADInputError
 
 # %% auto #0
 __all__ = ['STUDIES', 'EXAMPLES', 'BENCHMARK_PRESETS', 'study_spec', 'add_study_options', 'build_parser', 'study_overrides',
-           'main']
+           'score_source', 'main']
 
 # %% ../nbs/14_cli.ipynb #af862905
 STUDIES = {"demo": "uad_study.study_quickstart", "trivae": "uad_study.study_trivae", "reversed": "uad_study.study_reversed",
@@ -174,18 +174,60 @@ def _data_gen_parsers(sub) -> None:
     ph.add_argument("--spacing-mm", type=float, default=1.0)
     ph.add_argument("--no-progress", action="store_true")
 
+def _runs_parser(sub) -> None:
+    r = sub.add_parser("runs", help="list run folders: study, profile, data, models, key metrics, state and date",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="List every run folder under the given folders (default: runs/), one row per run and "
+                                   "model: study, profile, state (complete, or training with how many models have weights), "
+                                   "date, and per model the post-processing with the best pooled AUPRC, its AUROC and the "
+                                   "DICE at the healthy-calibrated threshold (healthy_fpr). Reads only; writes nothing "
+                                   "unless --csv is given.",
+                       epilog="Examples:\n  uad-study runs                       # every run under runs/\n"
+                              "  uad-study runs runs/ /data/old-runs  # several folders\n"
+                              "  uad-study runs --csv runs.csv        # the full table (data sources, recipe, folder)")
+    r.add_argument("paths", nargs="*", default=["runs"], metavar="PATH", help="folders to search (default: runs)")
+    r.add_argument("--csv", metavar="FILE", help="also write the full table as CSV (refuses an existing file without --overwrite)")
+    r.add_argument("--overwrite", action="store_true", help="let --csv replace an existing file")
+    sc = sub.add_parser("score", help="apply a trained model of a run folder to new scans: maps and masks on their own grid",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Score new scans with model NAME of RUN_DIR: each scan is preprocessed as the run's recipe "
+                                    "says, scored with the run's anomaly map and post-processing, and written on its own grid "
+                                    "and affine (OUT/maps/ID_anomaly.nii.gz; OUT/masks/ID_mask.nii.gz at the run's "
+                                    "healthy-calibrated threshold), with OUT/scans.csv (subject score, brain fraction flagged, "
+                                    "or why a scan was refused), OUT/score.json (what was applied, seconds per volume) and, "
+                                    "with labels, OUT/metrics.json. A scan that is not 3D or whose file name states another "
+                                    "contrast than the run's is refused with one line; the others are scored.",
+                        epilog="Examples:\n  uad-study score runs/demo /data/new --images '*/*_t2.nii.gz' --model vae --out scored/new\n"
+                               "  uad-study score runs/demo /data/sub-01_T2w.nii.gz --model vae --out scored/sub-01\n"
+                               "  uad-study score runs/trivae-cpu /data/BraTS2020 --dataset brats --model trivae-coarse --out scored/brats")
+    sc.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (see uad-study runs)")
+    sc.add_argument("path", metavar="PATH", help="a folder of scans, or one NIfTI file")
+    sc.add_argument("--model", required=True, help="one of the run's models")
+    sc.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    sc.add_argument("--images", help="glob of the images under PATH (the generic NIfTI layout), e.g. '*/*_t2.nii.gz'")
+    sc.add_argument("--labels", help="glob of lesion labels under PATH (optional: then metrics.json is written)")
+    sc.add_argument("--masks", help="glob of brain masks under PATH (optional)")
+    sc.add_argument("--dataset", help="a named layout instead of globs (ixi, brats, atlas, mslub, ...)")
+    sc.add_argument("--postprocess", help="post-processing preset (default: the run's main one)")
+    sc.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sc.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `uad-study` with its sub-commands."
     p = argparse.ArgumentParser(prog="uad-study", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="uad_study: reproducible unsupervised anomaly detection in brain MRI.",
         epilog="Examples:\n  " + "\n  ".join(EXAMPLES["demo"][:2] + EXAMPLES["trivae"][:1]) +
                "\n  uad-study data check /data/BraTS2020 # validate a real dataset folder before using it"
-               "\n  uad-study phantom --n-healthy 4     # only generate embedded data")
+               "\n  uad-study phantom --n-healthy 4     # only generate embedded data"
+               "\n  uad-study runs                      # list run folders with their key metrics")
     p.add_argument("--version", action="version", version=f"uad_study {uad_study.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in STUDIES: _study_parser(sub, command)
     _data_gen_parsers(sub)
     _data_parsers(sub)
+    _runs_parser(sub)
     return p
 
 # %% ../nbs/14_cli.ipynb #8b2800fb
@@ -248,6 +290,44 @@ def _data(a) -> int:
     if a.table and r.rows: print(r.table().to_string(index=False))
     return 0 if r.ok else 1
 
+
+def _runs(a) -> int:
+    from uad_study.core import atomic_write_text
+    from uad_study.runs import runs_table
+    t = runs_table(a.paths)
+    if t.empty: print(f"no run folders under {', '.join(a.paths)}"); return 0
+    show = t[["date", "study", "profile", "model", "state", "auroc", "auprc", "dice", "dice_protocol", "run"]].copy()
+    here = str(Path.cwd())
+    show["run"] = [str(Path(r).relative_to(here)) if r.startswith(here + "/") else r for r in show["run"]]
+    print(show.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    if a.csv: print(f"table written: {atomic_write_text(a.csv, t.to_csv(index=False, float_format='%.4f'), overwrite=a.overwrite)}")
+    return 0
+
+
+def score_source(path: str, images: str | None = None, labels: str | None = None, masks: str | None = None,
+                 dataset: str | None = None) -> str:
+    "The data source text of `uad-study score`'s PATH and options (one NIfTI file, a named layout, or globs)."
+    p = Path(path)
+    if p.is_file():
+        if images or labels or masks or dataset: raise UADInputError("PATH is one file: --images/--labels/--masks/--dataset go with a folder", None, p)
+        return f"nifti:{p.parent.resolve()},images={p.name}"
+    if not p.is_dir(): raise UADInputError("PATH must be a NIfTI file or a folder", None, p)
+    if dataset:
+        if images or labels or masks: raise UADInputError("give --dataset or --images/--labels/--masks, not both", dataset, p)
+        return f"{dataset}:{p.resolve()}"
+    if not images and (labels or masks): raise UADInputError("--labels/--masks need --images", None, p)
+    opts = [f"{k}={v}" for k, v in (("images", images), ("labels", labels), ("masks", masks)) if v]
+    return ",".join([f"nifti:{p.resolve()}" if images else str(p.resolve()), *opts])
+
+
+def _score(a) -> int:
+    from uad_study.runs import score_scans
+    src = score_source(a.path, a.images, a.labels, a.masks, a.dataset)
+    r = score_scans(a.run_dir, a.model, src, a.out, a.postprocess, a.device, a.overwrite, progress=not a.no_progress)
+    print(f"scored {r['n_scored']} scans ({r['n_refused']} refused) with {r['study']}:{r['model']} "
+          f"({r['seconds']['per_volume']:.2f} s per volume): {r['out']}/scans.csv")
+    return 0 if not r["n_refused"] else 1
+
 # %% ../nbs/14_cli.ipynb #954af00a
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `uad-study` console script."
@@ -255,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None: p.print_help(); return 0
     try:
         if a.command in STUDIES: return _run_study(a)
-        return {"benchmark": _benchmark, "phantom": _phantom, "data": _data}[a.command](a)
+        return {"benchmark": _benchmark, "phantom": _phantom, "data": _data, "runs": _runs, "score": _score}[a.command](a)
     except UADInputError as e:
         print(f"uad-study {a.command}: error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
