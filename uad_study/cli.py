@@ -143,37 +143,7 @@ def _data_parsers(sub) -> None:
     dc.add_argument("--annotations", help="fastMRI+ annotation CSV (default: the one CSV under PATH)")
     dc.add_argument("--table", action="store_true", help="also print one row per subject")
 
-# %% ../nbs/14_cli.ipynb #4f4f5ac2
-# the benchmark presets (kept here so --help does not import the generator; a test pins it to benchmark.PRESET_NAMES)
-BENCHMARK_PRESETS = ("easy", "standard", "hard", "smoke", "tiny", "standard-artefacts", "smoke-artefacts")
-
-def _data_gen_parsers(sub) -> None:
-    b = sub.add_parser("benchmark", help="generate (or find) the embedded benchmark v2, or verify one against its manifest",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Generate the embedded offline benchmark (version 2: T1/T2/FLAIR/PD, healthy variability, "
-                                   "scanner sites, 9 pathology classes with exact labels, 6 artefact classes in the *-artefacts presets, written in the IXI, BraTS, ATLAS, "
-                                   "MSLUB and fastMRI+-like layouts with a SHA-256 manifest) into the data cache and print its "
-                                   "folder; reused when already complete. With --verify, recompute every checksum instead.",
-                       epilog="Examples:\n  uad-study benchmark                        # the standard preset (1 mm; a few minutes)\n"
-                              "  uad-study benchmark --preset smoke         # the study chapters' smoke data (2 mm, ~30 s)\n"
-                              "  uad-study benchmark --preset hard --seed 1\n"
-                              "  uad-study benchmark --preset standard-artefacts  # + motion, spike, ghosting, Gibbs, wrap, bias subjects\n"
-                              "  uad-study benchmark --verify data/benchmark/v2-standard-seed0-...")
-    b.add_argument("--preset", default="standard", choices=list(BENCHMARK_PRESETS),
-                   help="difficulty / size preset (default: standard; *-artefacts add the six MRI artefact classes)")
-    b.add_argument("--seed", type=int, default=0, help="master seed (the documented standard benchmark is seed 0)")
-    b.add_argument("--jobs", type=int, default=2, help="worker processes (default: 2)")
-    b.add_argument("--verify", metavar="PATH", help="check a benchmark folder against its manifest; exit 1 on any mismatch")
-    b.add_argument("--no-progress", action="store_true")
-    ph = sub.add_parser("phantom", help="generate (or find) the embedded phantom cohort and print where it is",
-                        description="Generate the embedded phantom (healthy IXI-like and BraTS-like tumour subjects "
-                                    "from the MNI152 2009a maps nilearn ships) into the data cache; reused if present.")
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--n-healthy", type=int, default=16)
-    ph.add_argument("--n-tumour", type=int, default=8)
-    ph.add_argument("--spacing-mm", type=float, default=1.0)
-    ph.add_argument("--no-progress", action="store_true")
-
+# %% ../nbs/14_cli.ipynb #runspar1
 def _runs_parser(sub) -> None:
     r = sub.add_parser("runs", help="list run folders: study, profile, data, models, key metrics, state and date",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -213,6 +183,37 @@ def _runs_parser(sub) -> None:
     sc.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sc.add_argument("--no-progress", action="store_true")
 
+
+# %% ../nbs/14_cli.ipynb #4f4f5ac2
+# the benchmark presets (kept here so --help does not import the generator; a test pins it to benchmark.PRESET_NAMES)
+BENCHMARK_PRESETS = ("easy", "standard", "hard", "smoke", "tiny", "standard-artefacts", "smoke-artefacts")
+
+def _data_gen_parsers(sub) -> None:
+    b = sub.add_parser("benchmark", help="generate (or find) the embedded benchmark v2, or verify one against its manifest",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate the embedded offline benchmark (version 2: T1/T2/FLAIR/PD, healthy variability, "
+                                   "scanner sites, 9 pathology classes with exact labels, 6 artefact classes in the *-artefacts presets, written in the IXI, BraTS, ATLAS, "
+                                   "MSLUB and fastMRI+-like layouts with a SHA-256 manifest) into the data cache and print its "
+                                   "folder; reused when already complete. With --verify, recompute every checksum instead.",
+                       epilog="Examples:\n  uad-study benchmark                        # the standard preset (1 mm; a few minutes)\n"
+                              "  uad-study benchmark --preset smoke         # the study chapters' smoke data (2 mm, ~30 s)\n"
+                              "  uad-study benchmark --preset hard --seed 1\n"
+                              "  uad-study benchmark --preset standard-artefacts  # + motion, spike, ghosting, Gibbs, wrap, bias subjects\n"
+                              "  uad-study benchmark --verify data/benchmark/v2-standard-seed0-...")
+    b.add_argument("--preset", default="standard", choices=list(BENCHMARK_PRESETS),
+                   help="difficulty / size preset (default: standard; *-artefacts add the six MRI artefact classes)")
+    b.add_argument("--seed", type=int, default=0, help="master seed (the documented standard benchmark is seed 0)")
+    b.add_argument("--jobs", type=int, default=2, help="worker processes (default: 2)")
+    b.add_argument("--verify", metavar="PATH", help="check a benchmark folder against its manifest; exit 1 on any mismatch")
+    b.add_argument("--no-progress", action="store_true")
+    ph = sub.add_parser("phantom", help="generate (or find) the embedded phantom cohort and print where it is",
+                        description="Generate the embedded phantom (healthy IXI-like and BraTS-like tumour subjects "
+                                    "from the MNI152 2009a maps nilearn ships) into the data cache; reused if present.")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--n-healthy", type=int, default=16)
+    ph.add_argument("--n-tumour", type=int, default=8)
+    ph.add_argument("--spacing-mm", type=float, default=1.0)
+    ph.add_argument("--no-progress", action="store_true")
 
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `uad-study` with its sub-commands."

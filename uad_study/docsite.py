@@ -179,7 +179,7 @@ def execute_all(library: bool = True,      # library chapters
             line(src.stem, "ran" if ok else "FAILED", secs)
             if not ok: failed.append(src.name); print(err, file=sys.stderr)
     jobs_s = [(s, out / s.name, "smoke", None) for s in sorted((root / "nbs").glob("2[0-9]_study_*.ipynb"))] if study else []
-    jobs_s += [(*run_page(r, out)[:2], run_page(r, out)[2], Path(r).resolve()) for r in runs]
+    jobs_s += [(*run_page(r, out), Path(r).resolve()) for r in runs]
     for src, dst, profile, run in jobs_s:
         extra = f"{profile} {'' if run is None else run}"
         if not force and executed_meta(dst).get("key") == notebook_key(src, extra=extra):

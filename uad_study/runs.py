@@ -158,7 +158,7 @@ def check_scan(path: str | Path, modality: str) -> None:
     if c is not None and c != modality.lower():
         raise UADInputError(f"the file name states another contrast than the run's model was trained on ({modality})", c, path)
 
-# %% ../nbs/13g_runs.ipynb #dc333a33
+# %% ../nbs/13g_runs.ipynb #b3bacc54
 def _save_on_grid(vol: np.ndarray, s: dict, recipe, target: Path) -> np.ndarray:
     "A subject's (R, R, n) map back on its input grid (RAS+ array returned) and saved like its input."
     from uad_study.io import canonical_shape, save_like
@@ -170,6 +170,20 @@ def _save_on_grid(vol: np.ndarray, s: dict, recipe, target: Path) -> np.ndarray:
     return full
 
 
+def _write_scan(vol: np.ndarray, brain: np.ndarray, s: dict, recipe, thr: float | None, folder: Path) -> dict:
+    "Write one scored scan's map (and mask at `thr`) on its input grid; its row of scans.csv."
+    from uad_study.io import save_like
+    v = vol[brain]
+    full = _save_on_grid(vol, s, recipe, folder / "maps" / f"{s['id']}_anomaly.nii.gz")
+    row = {"subject": s["id"], "image": s["image"], "status": "scored", "score_mean": float(v.mean()) if v.size else float("nan"),
+           "score_p99": float(np.percentile(v, 99)) if v.size else float("nan"), "brain_voxels_model": int(brain.sum())}
+    if thr is not None:
+        save_like((full >= thr).astype(np.uint8), s["image"], folder / "masks" / f"{s['id']}_mask.nii.gz", dtype=np.uint8)
+        row["flagged_fraction"] = float((v >= thr).mean()) if v.size else float("nan")
+    return row
+
+
+# %% ../nbs/13g_runs.ipynb #dc333a33
 def score_scans(run: str | Path,            # a run folder
                 name: str,                  # one of its models
                 source: str,                # the scans: a data source text (nifti:DIR,images=GLOB, brats:DIR, ...)
@@ -210,16 +224,8 @@ def score_scans(run: str | Path,            # a run folder
         for i, s in enumerate(ss.subjects):
             r = ss.subject_range(i)
             brain = np.moveaxis(np.asarray(ss.masks[r]), 0, -1)
-            v = vols[i][brain]
-            full = _save_on_grid(vols[i], s, recipe, tmp / "maps" / f"{s['id']}_anomaly.nii.gz")
-            row = {"subject": s["id"], "image": s["image"], "status": "scored", "score_mean": float(v.mean()) if v.size else float("nan"),
-                   "score_p99": float(np.percentile(v, 99)) if v.size else float("nan"), "brain_voxels_model": int(brain.sum())}
-            if thr is not None:
-                from uad_study.io import save_like
-                save_like((full >= thr).astype(np.uint8), s["image"], tmp / "masks" / f"{s['id']}_mask.nii.gz", dtype=np.uint8)
-                row["flagged_fraction"] = float((v >= thr).mean()) if v.size else float("nan")
-            if acc is not None: acc.update(v, np.moveaxis(np.asarray(ss.labels[r]), 0, -1)[brain])
-            rows.append(row)
+            rows.append(_write_scan(vols[i], brain, s, recipe, thr, tmp))
+            if acc is not None: acc.update(vols[i][brain], np.moveaxis(np.asarray(ss.labels[r]), 0, -1)[brain])
         atomic_write_rows(tmp / "scans.csv", rows)
         n = len(ss.subjects)
         record = {"run": str(run.resolve()), "study": spec.name, "model": name, "checkpoint": str(ck), "source": where["source"],
