@@ -158,7 +158,7 @@ def check_scan(path: str | Path, modality: str) -> None:
     if c is not None and c != modality.lower():
         raise UADInputError(f"the file name states another contrast than the run's model was trained on ({modality})", c, path)
 
-# %% ../nbs/13g_runs.ipynb #b3bacc54
+# %% ../nbs/13g_runs.ipynb #5c0a7e21
 def _save_on_grid(vol: np.ndarray, s: dict, recipe, target: Path) -> np.ndarray:
     "A subject's (R, R, n) map back on its input grid (RAS+ array returned) and saved like its input."
     from uad_study.io import canonical_shape, save_like
