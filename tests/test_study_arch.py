@@ -73,3 +73,10 @@ def test_transformer_reuses_the_vqvae_row(tmp_path):
     assert all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
     h = r["histories"]["vqvae-tr"]
     assert [row["stage"] for row in h] == [1, 2]
+    # uad-study score loads the two-stage model from its own layout (ModelSpec.load): the weights the run evaluated
+    from uad_study.runs import load_run_model, score_scans
+    model = load_run_model(tmp_path / "run", "vqvae-tr")[0]
+    got, want = model.state_dict(), r["context"].models["vqvae-tr"].state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k].cpu(), want[k].cpu()) for k in want)
+    s = score_scans(tmp_path / "run", "vqvae-tr", cfg.test, tmp_path / "scored", progress=False)
+    assert s["n_scored"] == len(r["context"].data["test"]) and len(list((tmp_path / "scored" / "maps").iterdir())) == s["n_scored"]

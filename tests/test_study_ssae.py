@@ -208,3 +208,20 @@ def test_mslub_extra_test_source_finds_the_three_flair_patients(realdata):
     assert status == "scored"
     subs, info = S.source_subjects(src, "test", cfg, progress=False)
     assert len(subs) == 3 and all("flair" in s.images and s.label is not None for s in subs) and info["dataset"] == "mslub"
+
+
+@pytest.mark.slow
+def test_staged_models_score_new_scans_as_the_run_did(tmp_path):
+    "uad-study score loads the SSAE and the plain per-level stack from their level folders: the run's own test scans score as in subject_scores.csv."
+    import csv
+    from uad_study.runs import load_run_model, score_scans
+    cfg = S.ssae_config("smoke", models=("ae-dense", "ssae-dense", "ssae-dense-aggr"), epochs=1, out_dir=str(tmp_path / "run"))
+    r = S.run_ssae_study(cfg, progress=False)
+    for name in ("ae-dense", "ssae-dense"):
+        got, want = load_run_model(tmp_path / "run", name)[0].state_dict(), r["context"].models[name].state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k].cpu(), want[k].cpu()) for k in want)
+    score_scans(tmp_path / "run", "ssae-dense-aggr", cfg.test, tmp_path / "scored", progress=False)
+    got = {x["subject"]: float(x["score_mean"]) for x in csv.DictReader(open(tmp_path / "scored" / "scans.csv"))}
+    want = {x["subject"]: float(x["score_mean"]) for x in csv.DictReader(open(tmp_path / "run" / "subject_scores.csv"))
+            if x["model"] == "ssae-dense-aggr"}
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 5e-5 for k in got), (got, want)

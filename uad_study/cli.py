@@ -166,7 +166,10 @@ def _runs_parser(sub) -> None:
                                     "healthy-calibrated threshold), with OUT/scans.csv (subject score, brain fraction flagged, "
                                     "or why a scan was refused), OUT/score.json (what was applied, seconds per volume) and, "
                                     "with labels, OUT/metrics.json. A scan that is not 3D or whose file name states another "
-                                    "contrast than the run's is refused with one line; the others are scored.",
+                                    "contrast than the run's is refused with one line; one whose voxel size or field of view "
+                                    "is more than 25 percent outside the training scans' gets a warning line (and in scans.csv). "
+                                    "Each score is ranked against the run's healthy validation subjects (healthy_percentile); "
+                                    "--report adds OUT/reports/ID.html + .png per scan and OUT/reports/index.html.",
                         epilog="Examples:\n  uad-study score runs/demo /data/new --images '*/*_t2.nii.gz' --model vae --out scored/new\n"
                                "  uad-study score runs/demo /data/sub-01_T2w.nii.gz --model vae --out scored/sub-01\n"
                                "  uad-study score runs/trivae-cpu /data/BraTS2020 --dataset brats --model trivae-coarse --out scored/brats")
@@ -181,6 +184,8 @@ def _runs_parser(sub) -> None:
     sc.add_argument("--postprocess", help="post-processing preset (default: the run's main one)")
     sc.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sc.add_argument("--report", action="store_true", help="also an HTML page and a PNG per scan (the most anomalous slices, the "
+                    "score among the healthy validation subjects) and reports/index.html")
     sc.add_argument("--no-progress", action="store_true")
 
 
@@ -324,9 +329,9 @@ def score_source(path: str, images: str | None = None, labels: str | None = None
 def _score(a) -> int:
     from uad_study.runs import score_scans
     src = score_source(a.path, a.images, a.labels, a.masks, a.dataset)
-    r = score_scans(a.run_dir, a.model, src, a.out, a.postprocess, a.device, a.overwrite, progress=not a.no_progress)
-    print(f"scored {r['n_scored']} scans ({r['n_refused']} refused) with {r['study']}:{r['model']} "
-          f"({r['seconds']['per_volume']:.2f} s per volume): {r['out']}/scans.csv")
+    r = score_scans(a.run_dir, a.model, src, a.out, a.postprocess, a.device, a.overwrite, progress=not a.no_progress, report=a.report)
+    print(f"scored {r['n_scored']} scans ({r['n_refused']} refused, {r['n_warned']} with warnings) with {r['study']}:{r['model']} "
+          f"({r['seconds']['per_volume']:.2f} s per volume): {r['out']}/scans.csv" + (f", {r['out']}/reports/index.html" if a.report else ""))
     return 0 if not r["n_refused"] else 1
 
 # %% ../nbs/14_cli.ipynb #954af00a

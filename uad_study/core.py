@@ -124,17 +124,25 @@ def atomic_write_json(target: str | Path, obj: Any, overwrite: bool = True) -> P
     return atomic_write_text(target, to_json(obj) + "\n", overwrite)
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    "Yield a temporary folder beside `target`; on success it becomes `target` (which must not exist)."
+def atomic_dir(target: str | Path,
+               overwrite: bool = False,  # replace an existing `target`, only once the new folder is complete
+               ) -> Iterator[Path]:
+    "Yield a temporary folder beside `target`; on success it becomes `target` (which must not exist, unless `overwrite`)."
     target = Path(target)
-    if target.exists(): raise UADInputError("refusing to replace an existing folder", None, target)
+    if target.exists() and not overwrite: raise UADInputError("refusing to replace an existing folder", None, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = None
     try:
         yield tmp
+        if target.exists():                  # moved aside first, so a failure leaves the old folder, never a mix
+            old = target.parent / f"{tmp.name}.old"; os.replace(target, old)
         os.replace(tmp, target)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            if target.exists(): shutil.rmtree(old, ignore_errors=True)
+            else: os.replace(old, target)    # the swap failed: the old folder comes back
 
 def config_hash(obj: Any, n: int = 12) -> str:
     "Short SHA-1 of `obj`'s stable JSON: the cache key of a recipe or config."

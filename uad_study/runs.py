@@ -16,8 +16,9 @@ import pandas as pd
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['SKIP', 'is_run', 'find_runs', 'run_record', 'runs_table', 'load_run', 'load_run_model', 'run_threshold',
-           'name_contrast', 'check_scan', 'score_scans']
+__all__ = ['SKIP', 'GRID_TOLERANCE', 'is_run', 'find_runs', 'run_record', 'runs_table', 'load_run', 'load_run_model',
+           'run_threshold', 'name_contrast', 'check_scan', 'grid_warnings', 'healthy_reference', 'healthy_percentile',
+           'report_slices', 'report_figure', 'write_report', 'write_report_index', 'score_scans']
 
 # %% ../nbs/13g_runs.ipynb #c1d4c1b9
 SKIP = {"models", "maps", "figures", "__pycache__"}  # a run folder's own subfolders: never searched for runs
@@ -113,20 +114,20 @@ def load_run(run: str | Path) -> tuple:
 
 
 def load_run_model(run: str | Path, name: str) -> tuple:
-    "(model in eval mode, its ModelSpec, StudySpec, config, checkpoint path) of model `name` of a run folder."
-    from uad_study.training import load_checkpoint
+    "(model in eval mode, its ModelSpec, StudySpec, config, weights file) of model `name` of a run, with the weights the run evaluated."
+    from uad_study.training import load_evaluated
     run = Path(run)
     spec, cfg, rec = load_run(run)
     if name not in spec.models or name not in cfg.models:
         raise UADInputError(f"{spec.name} run: model must be one of the run's models {list(cfg.models)}", name, run)
     ms = spec.models[name]
-    if ms.fit is not None:
-        raise UADInputError("this model trains in its own stages with its own checkpoint layout: scoring it is not supported yet", name, run)
-    src = ms.weights_of or name
-    ck = next((p for p in (run / "models" / src / "best.pt", run / "models" / src / "last.pt") if p.is_file()), None)
-    if ck is None: raise UADInputError("the run has no weights for this model (models/NAME/best.pt or last.pt)", src, run)
-    model = ms.build(cfg)
-    model.load_state_dict(load_checkpoint(ck)["model"])
+    src = ms.weights_of or name                    # a map ablation scores with the weights of the model it names
+    folder, src_ms = run / "models" / src, spec.models[src]
+    if not folder.is_dir(): raise UADInputError("the run has no weights for this model (models/NAME/)", src, run)
+    model = src_ms.build(cfg)                      # an ablation is the model it names (the study scores that same object)
+    if src_ms.load is not None:                    # a model trained in stages: its own checkpoint layout
+        src_ms.load(model, folder); ck = folder
+    else: ck = load_evaluated(model, folder)       # last.pt, or best.pt after an early stop: what the study evaluated
     return model.eval(), ms, spec, cfg, ck
 
 
@@ -158,6 +159,145 @@ def check_scan(path: str | Path, modality: str) -> None:
     if c is not None and c != modality.lower():
         raise UADInputError(f"the file name states another contrast than the run's model was trained on ({modality})", c, path)
 
+# %% ../nbs/13g_runs.ipynb #99652179
+GRID_TOLERANCE = 0.25   # relative distance outside the training scans' range that gives a warning
+
+
+def grid_warnings(path: str | Path, train_grid: dict | None, tolerance: float = GRID_TOLERANCE) -> list[str]:
+    "One-line warnings (and notes) on a scan whose orientation, voxel size or field of view differ from the training scans'."
+    from uad_study.study import scan_grid
+    if not train_grid: return []
+    g, out = scan_grid(path), []
+    if g["orientation"] not in train_grid.get("orientations", {}):
+        out.append(f"note: oriented {g['orientation']}, training scans {'/'.join(train_grid['orientations'])}: "
+                   "reoriented to RAS+ as in training, the map is written back on the input's grid")
+    for what, key in (("voxel size", "voxel_mm"), ("field of view", "fov_mm")):
+        lo, hi = train_grid.get(f"{key}_min"), train_grid.get(f"{key}_max")
+        if lo is None: continue
+        v = g[key]
+        if any(x < a / (1 + tolerance) or x > b * (1 + tolerance) for x, a, b in zip(v, lo, hi)):
+            fmt = lambda t: "x".join(f"{x:g}" for x in t)
+            out.append(f"warning: {what} {fmt(v)} mm (R x A x S) is more than {tolerance:.0%} outside the training scans' "
+                       f"{fmt(lo)} to {fmt(hi)} mm: the model sees the brain at another size; resample to the training grid first")
+    return out
+
+# %% ../nbs/13g_runs.ipynb #921c2454
+def healthy_reference(run: str | Path, name: str, postprocess: str) -> np.ndarray | None:
+    "The healthy validation subjects' scores of model `name` under `postprocess` (the run's healthy_scores.csv); None without."
+    p = Path(run) / "healthy_scores.csv"
+    if not p.is_file(): return None
+    df = pd.read_csv(p)
+    v = df[(df["model"] == name) & (df["postprocess"] == postprocess)]["score_mean"].dropna().to_numpy(float)
+    return v if len(v) else None
+
+
+def healthy_percentile(score: float, healthy) -> float:
+    "The percentile of `score` among the healthy subjects' scores (ties count half); NaN without a reference."
+    h = np.asarray([] if healthy is None else healthy, float)
+    if not len(h) or not np.isfinite(score): return float("nan")
+    return float(100 * ((h < score).sum() + 0.5 * (h == score).sum()) / len(h))
+
+# %% ../nbs/13g_runs.ipynb #9352a313
+def report_slices(vol: np.ndarray,    # a post-processed map (R, R, n)
+                  brain: np.ndarray,  # its brain mask (R, R, n)
+                  k: int = 4,         # slices to show
+                  min_gap: int = 2,   # least distance between two shown slices
+                  ) -> list[int]:
+    "Up to `k` axial slices with the largest map sum over the brain, at least `min_gap` apart, in z order."
+    w = np.where(brain, vol, 0).sum(axis=(0, 1)); n = len(w)
+    if not (w > 0).any(): return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(k, n) + 2)[1:-1]})
+    chosen = []
+    for z in np.argsort(-w, kind="stable"):
+        if len(chosen) == k or w[z] <= 0: break
+        if all(abs(int(z) - c) >= min_gap for c in chosen): chosen.append(int(z))
+    return sorted(chosen)
+
+
+def report_figure(image: np.ndarray, recon: np.ndarray, vol: np.ndarray,  # (R, R, n) input, reconstruction, map
+                  zs: list[int],                 # the slices to show (indices into the last axis)
+                  thr: float | None, healthy, score: float, title: str,
+                  z_names: list | None = None,   # each slice's label (default: its index)
+                  ) -> tuple:
+    "The report's Figure (rows of input / reconstruction / map / flagged voxels, then the healthy scores) and its arrays."
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9.6, 2.3 * len(zs) + 1.7), layout="constrained")
+    gs = fig.add_gridspec(len(zs) + 1, 4, height_ratios=[1] * len(zs) + [0.6])
+    vmax = float(max(vol.max(), thr or 0, 1e-6)); data = {"z": np.asarray(zs), "score": np.float64(score)}
+    for i, z in enumerate(zs):
+        axes = [fig.add_subplot(gs[i, j]) for j in range(4)]
+        axes[0].imshow(np.rot90(image[..., z]), cmap="gray", vmin=0, vmax=1)
+        axes[1].imshow(np.rot90(recon[..., z]), cmap="gray", vmin=0, vmax=1)
+        im = axes[2].imshow(np.rot90(vol[..., z]), cmap="inferno", vmin=0, vmax=vmax)
+        fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        axes[3].imshow(np.rot90(image[..., z]), cmap="gray", vmin=0, vmax=1)
+        if thr is not None: axes[3].imshow(np.rot90(np.ma.masked_less(vol[..., z], thr) * 0 + 1), cmap=ListedColormap(["red"]), alpha=0.6)
+        for a, t in zip(axes, ("input", "reconstruction", "anomaly map", "above threshold" if thr is not None else "no threshold")):
+            a.set_xticks([]); a.set_yticks([]); a.set_title(t if i == 0 else "", fontsize=9)
+        if thr is not None and i == 0: axes[3].set_title(f"above threshold {thr:.4g} (red)", fontsize=9)
+        axes[0].set_ylabel(f"z = {z if z_names is None else z_names[i]}", fontsize=8)
+        data |= {f"input_z{z}": image[..., z], f"reconstruction_z{z}": recon[..., z], f"map_z{z}": vol[..., z]}
+    ax = fig.add_subplot(gs[-1, :])
+    h = np.asarray([] if healthy is None else healthy, float); data["healthy_scores"] = h
+    ax.plot(h, np.zeros_like(h), "o", color="tab:blue", alpha=0.6, label=f"healthy validation subjects (n={len(h)})")
+    ax.axvline(score, color="tab:red", label="this scan"); ax.set_yticks([]); ax.set_xlabel("subject score (mean of the map over the brain)")
+    ax.legend(fontsize=7, loc="upper left"); fig.suptitle(title, fontsize=9)
+    return fig, data
+
+# %% ../nbs/13g_runs.ipynb #a04418ce
+_CSS = ("body{font-family:sans-serif;max-width:1000px;margin:1em auto;color:#222}table{border-collapse:collapse;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.warn{color:#a40}.note{color:#555;font-size:13px}img{max-width:100%}")
+_NOT_DIAGNOSIS = ("A research tool's output: the deviation of this scan from the healthy scans the model was trained on, under the "
+                  "run's preprocessing. It is not a diagnosis, and scans from another scanner or protocol than the run's shift every score.")
+
+
+def _fmt(v) -> str:
+    import html
+    if isinstance(v, float): return "" if not np.isfinite(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _page(title: str, body: str) -> str:
+    import html
+    return f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n'
+
+
+def write_report(folder: Path, row: dict, info: dict, fig, data: dict) -> Path:
+    "reports/<id>.png (+ .npz of its arrays) and reports/<id>.html: the scan's numbers, its figure and where it came from."
+    from uad_study.core import atomic_write_text
+    from uad_study.figures import save_figure
+    sid = row["subject"]
+    png = save_figure(fig, folder / f"{sid}.png", data)
+    keys = [("subject score (mean of the map over the brain)", "score_mean"), ("99th percentile of the map", "score_p99"),
+            ("percentile among healthy validation subjects", "healthy_percentile"), ("healthy validation subjects", "healthy_n"),
+            ("fraction of the brain above the threshold", "flagged_fraction"), ("input file", "image")]
+    rows = "".join(f"<tr><th>{k}</th><td>{_fmt(row.get(c, ''))}</td></tr>" for k, c in keys)
+    rows += "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in info.items())
+    warn = "".join(f'<p class="warn">{_fmt(w)}</p>' for w in str(row.get("warnings") or "").split("; ") if w)
+    body = (f'<p><a href="index.html">all scans</a></p><h1>{_fmt(sid)}</h1>{warn}<table>{rows}</table>'
+            f'<p><img src="{png.name}" alt="input, reconstruction, anomaly map and flagged voxels of {_fmt(sid)}"></p>'
+            f'<p>Map and mask on the input\'s grid: <code>maps/{_fmt(sid)}_anomaly.nii.gz</code>, <code>masks/{_fmt(sid)}_mask.nii.gz</code>.</p>'
+            f'<p class="note">{_NOT_DIAGNOSIS}</p>')
+    atomic_write_text(folder / f"{sid}.html", _page(f"{sid}: uad-study score", body))
+    return folder / f"{sid}.html"
+
+
+def write_report_index(folder: Path, rows: list[dict], info: dict) -> Path:
+    "reports/index.html: every scan (scored ones by score, highest first; then the refused), linked to its page."
+    from uad_study.core import atomic_write_text
+    scored = sorted((r for r in rows if r.get("status") == "scored"), key=lambda r: -r["score_mean"])
+    head = "<tr><th>scan</th><th>score</th><th>percentile among healthy</th><th>brain flagged</th><th>warnings</th></tr>"
+    body = "".join(f'<tr><td><a href="{_fmt(r["subject"])}.html">{_fmt(r["subject"])}</a></td><td>{_fmt(r["score_mean"])}</td>'
+                   f'<td>{_fmt(r.get("healthy_percentile", float("nan")))}</td><td>{_fmt(r.get("flagged_fraction", float("nan")))}</td>'
+                   f'<td class="warn">{_fmt(r.get("warnings", ""))}</td></tr>' for r in scored)
+    body += "".join(f'<tr><td>{_fmt(r["subject"])}</td><td colspan="4" class="warn">{_fmt(r["status"])}</td></tr>'
+                    for r in rows if r.get("status") != "scored")
+    meta = "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in info.items())
+    page = _page("uad-study score: reports", f"<h1>Scored scans</h1><table>{head}{body}</table><h2>Applied</h2><table>{meta}</table>"
+                 f'<p class="note">{_NOT_DIAGNOSIS}</p>')
+    atomic_write_text(folder / "index.html", page)
+    return folder / "index.html"
+
 # %% ../nbs/13g_runs.ipynb #5c0a7e21
 def _save_on_grid(vol: np.ndarray, s: dict, recipe, target: Path) -> np.ndarray:
     "A subject's (R, R, n) map back on its input grid (RAS+ array returned) and saved like its input."
@@ -183,6 +323,40 @@ def _write_scan(vol: np.ndarray, brain: np.ndarray, s: dict, recipe, thr: float 
     return row
 
 
+# %% ../nbs/13g_runs.ipynb #352f1ef9
+def _check_scans(subs: list, modality: str, train_grid: dict | None) -> tuple[list, list[dict], dict]:
+    "(scans that pass check_scan, rows of the refused, grid warnings per scan id); one printed line per refusal or warning."
+    ok, refused, warns = [], [], {}
+    for s in subs:
+        img = s.images.get(modality) or next(iter(s.images.values()))
+        try: check_scan(img, modality)
+        except UADInputError as e:
+            print(f"refused: {e}", flush=True)
+            refused.append({"subject": s.id, "image": str(img), "status": f"refused: {e}"}); continue
+        ok.append(s); warns[s.id] = grid_warnings(img, train_grid)
+        for w in warns[s.id]: print(f"{img}: {w}", flush=True)
+    if not train_grid and ok: print("note: the run records no training grid (metrics.json data.train_grid): orientation and voxel size are not checked")
+    return ok, refused, warns
+
+
+def _score_row(tmp: Path, i: int, ss, vols: list, x_hat: np.ndarray, recipe, thr: float | None, healthy, warns: list[str],
+               info: dict, report: bool) -> dict:
+    "Write scan `i` of `ss` (map, mask, and with `report` its page); its row of scans.csv with the healthy percentile."
+    r, s = ss.subject_range(i), ss.subjects[i]
+    stack = lambda arr: np.moveaxis(np.asarray(arr[r]), 0, -1)
+    brain = stack(ss.masks)
+    row = _write_scan(vols[i], brain, s, recipe, thr, tmp)
+    row |= {"healthy_percentile": healthy_percentile(row["score_mean"], healthy),
+            "healthy_n": 0 if healthy is None else len(healthy), "warnings": "; ".join(warns)}
+    if report:
+        title = (f"{s['id']}: {info['model']} ({info['study']}, {info['profile']}), post-processing {info['postprocess']}; "
+                 f"score {row['score_mean']:.4g}, percentile {row['healthy_percentile']:.0f} among healthy")
+        zs = report_slices(vols[i], brain)
+        write_report(tmp / "reports", row, info, *report_figure(stack(ss.slices), stack(x_hat), vols[i], zs, thr, healthy,
+                                                               row["score_mean"], title, [s["z"][k] for k in zs]))
+    return row
+
+
 # %% ../nbs/13g_runs.ipynb #dc333a33
 def score_scans(run: str | Path,            # a run folder
                 name: str,                  # one of its models
@@ -191,7 +365,8 @@ def score_scans(run: str | Path,            # a run folder
                 postprocess: str | None = None,  # a post-processing preset (None: the run's last)
                 device: str = "auto",
                 overwrite: bool = False,    # replace an existing output folder
-                progress: bool = True) -> dict:
+                progress: bool = True,
+                report: bool = False) -> dict:   # also reports/<id>.html + .png per scan and reports/index.html
     "Score new scans with a trained model of a run; write maps and masks on each input's grid, scans.csv and score.json."
     from uad_study.core import atomic_dir, atomic_write_json, atomic_write_rows
     from uad_study.metrics import PixelMetricsAccumulator
@@ -201,39 +376,37 @@ def score_scans(run: str | Path,            # a run folder
     if out.exists() and not overwrite: raise UADInputError("the output folder exists (ask for overwrite)", None, out)
     model, ms, spec, cfg, ck = load_run_model(run, name)
     recipe, pp = study_recipe(cfg), postprocess or cfg.postprocess[-1]
+    met = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     subs, where = source_subjects(parse_source(source, "test"), "test", cfg, progress)
-    rows, ok = [], []
-    for s in subs:
-        img = s.images.get(recipe.modality) or next(iter(s.images.values()))
-        try: check_scan(img, recipe.modality); ok.append(s)
-        except UADInputError as e:
-            print(f"refused: {e}", flush=True)
-            rows.append({"subject": s.id, "image": str(img), "status": f"refused: {e}"})
+    ok, rows, warns = _check_scans(subs, recipe.modality, (met.get("data") or {}).get("train_grid"))
     if not ok: raise UADInputError("no scan could be scored (each refused scan is listed above)", len(subs), source)
     t0 = time.time()
     ss = build_slices(ok, recipe, n_jobs=cfg.n_jobs, progress=progress, desc="preprocess")
     t_pre = time.time() - t0
-    _, maps = score_slices(model, ss.slices, map_name(ms, cfg), device, progress=progress, desc=f"score {name}", **ms.map_kwargs(cfg))
+    x_hat, maps = score_slices(model, ss.slices, map_name(ms, cfg), device, progress=progress, desc=f"score {name}", **ms.map_kwargs(cfg))
     _, vols = accumulate_maps(ss, maps, pp, cfg.space, keep=True)
     t_score = time.time() - t0 - t_pre
-    thr = run_threshold(run, name, pp)
+    thr, healthy = run_threshold(run, name, pp), healthy_reference(run, name, pp)
+    info = {"run": str(run.resolve()), "study": spec.name, "profile": cfg.profile, "model": name, "weights": str(ck),
+            "anomaly_map": map_name(ms, cfg), "postprocess": pp, "threshold": thr,
+            "healthy_reference": f"{len(healthy)} healthy validation subjects of the run" if healthy is not None else "none"}
     labelled = bool(np.asarray(ss.labels).any())
     acc = PixelMetricsAccumulator() if labelled else None
-    with atomic_dir(out) as tmp:
-        (tmp / "maps").mkdir(); (tmp / "masks").mkdir()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for d in ("maps", "masks") + (("reports",) if report else ()): (tmp / d).mkdir()
         for i, s in enumerate(ss.subjects):
-            r = ss.subject_range(i)
-            brain = np.moveaxis(np.asarray(ss.masks[r]), 0, -1)
-            rows.append(_write_scan(vols[i], brain, s, recipe, thr, tmp))
-            if acc is not None: acc.update(vols[i][brain], np.moveaxis(np.asarray(ss.labels[r]), 0, -1)[brain])
+            rows.append(_score_row(tmp, i, ss, vols, x_hat, recipe, thr, healthy, warns.get(s["id"], []), info, report))
+            if acc is not None:
+                r = ss.subject_range(i); brain = np.asarray(ss.masks[r])
+                acc.update(np.moveaxis(vols[i], -1, 0)[brain], np.asarray(ss.labels[r])[brain])
         atomic_write_rows(tmp / "scans.csv", rows)
+        if report: write_report_index(tmp / "reports", rows, info)
         n = len(ss.subjects)
-        record = {"run": str(run.resolve()), "study": spec.name, "model": name, "checkpoint": str(ck), "source": where["source"],
-                  "recipe": dataclasses.asdict(recipe), "anomaly_map": map_name(ms, cfg), "postprocess": pp, "threshold": thr,
+        record = info | {"checkpoint": str(ck), "source": where["source"], "recipe": dataclasses.asdict(recipe),
                   "threshold_rule": "the run's healthy_fpr threshold for this model and post-processing" if thr is not None else
                                     "none: the run has no healthy_fpr threshold for this model and post-processing (no masks)",
-                  "n_scored": n, "n_refused": len(rows) - n, "seconds": {"preprocess": round(t_pre, 2), "score": round(t_score, 2),
-                  "per_volume": round((t_pre + t_score) / n, 3)}}
+                  "n_scored": n, "n_refused": len(rows) - n, "n_warned": sum(bool(warns.get(s["id"])) for s in ss.subjects),
+                  "seconds": {"preprocess": round(t_pre, 2), "score": round(t_score, 2), "per_volume": round((t_pre + t_score) / n, 3)}}
         atomic_write_json(tmp / "score.json", record)
         if acc is not None: atomic_write_json(tmp / "metrics.json", {"space": cfg.space, "postprocess": pp, **acc.aggregate()})
     if not labelled: print("note: the scans have no lesion labels: maps, masks and subject scores are written, metrics are not")

@@ -27,7 +27,7 @@ from .benchmark import PRESETS as BENCHMARK_PRESETS, benchmark_config, benchmark
 from .objective import Objective
 from .preprocess import (RECIPES, RandomAffineFlip, SliceSet, build_slices, get_recipe, qc_montage, read_split, slice_spacing, split_ids,
                                   splits_dir, undo_volume_steps, unresize_slices)
-from .training import TrainConfig, init_distributed, train_model
+from .training import TrainConfig, init_distributed, load_evaluated, train_model
 from .inference import reconstruct
 from .scores import ANOMALY_MAPS, anomaly_map, describe_map, subject_scores, slice_scores
 from .postprocess import PRESETS, postprocess_steps, postprocess_volume
@@ -44,8 +44,8 @@ __all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'DataS
            'write_split_csv', 'environment_info', 'write_maps', 'example_slices', 'slices_with_subjects',
            'AugmentedObjective', 'StudyContext', 'study_config_record', 'study_recipe', 'prepare_study',
            'load_study_data', 'load_extra_slices', 'subject_groups', 'train_study_model', 'evaluate_study_model',
-           'subject_score_table', 'common_figures', 'finish_study', 'run_study', 'format_summary', 'parameters_cell',
-           'config_from_parameters', 'phantom_qc_montages']
+           'volume_scores', 'subject_score_table', 'scan_grid', 'grid_record', 'common_figures', 'finish_study',
+           'run_study', 'format_summary', 'parameters_cell', 'config_from_parameters', 'phantom_qc_montages']
 
 # %% ../nbs/13_study.ipynb #e98ed991
 SOURCE_KINDS = ("phantom", "benchmark", *[k for k in DATASETS])
@@ -258,6 +258,8 @@ class ModelSpec:
     train_data: Callable | None = None    # SliceSet -> what the engine trains on (array or dict of arrays); None: the slices
     anomaly_map: Callable | None = None   # cfg -> this model's map name (ANOMALY_MAPS); None: the config's anomaly_map
     weights_of: str = ""                  # another model of the study whose trained weights this one uses (no training): map ablations
+    load: Callable | None = None          # (model, ckpt_dir) -> None: load the weights the study evaluated, for a model with its own
+                                          # `fit` (stages in their own folders); None: `training.load_evaluated(model, ckpt_dir)`
 
 @dataclass
 class StudySpec:
@@ -703,6 +705,7 @@ def evaluate_study_model(ctx: StudyContext, name: str) -> list[dict]:
                 out["ev"][pp] = evaluate_maps(ctx.sets["test"], maps, pp, threshold_protocols(cfg), cfg.space, healthy, val)
         out["volumes"] = (out["ev"][cfg.postprocess[-1]]["volumes"] if ctx.labelled else
                           accumulate_maps(ctx.sets["test"], maps, cfg.postprocess[-1], cfg.space, keep=True)[1])
+        out["healthy_scores"] = volume_scores(healthy[0], accumulate_maps(*healthy, cfg.postprocess[-1], cfg.space, keep=True)[1])
     rows, h = [], out["history"]
     base = {"model": name, **model_row(ms, cfg), "map": mname, "space": cfg.space, "epochs_trained": len(h),
             "final_train_loss": h[-1]["train_loss"] if h else float("nan"), "final_val_loss": h[-1]["val_loss"] if h else float("nan")}
@@ -713,16 +716,45 @@ def evaluate_study_model(ctx: StudyContext, name: str) -> list[dict]:
     return rows
 
 # %% ../nbs/13_study.ipynb #ae586c06
-def subject_score_table(ctx: StudyContext) -> pd.DataFrame:
-    "One row per model and test subject: mean and p99 of the main post-processed map over brain voxels."
-    rows, ss = [], ctx.sets["test"]
+def volume_scores(ss: SliceSet, vols: list) -> list[dict]:
+    "Per subject of `ss`: the mean and 99th percentile of its post-processed map volume over its brain voxels."
+    rows = []
+    for i, vol in enumerate(vols):
+        v = vol[subject_volumes(ss, i)["mask"]]
+        rows.append({"subject": ss.subjects[i]["id"], "score_mean": float(v.mean()) if v.size else float("nan"),
+                     "score_p99": float(np.percentile(v, 99)) if v.size else float("nan"), "brain_voxels": int(v.size)})
+    return rows
+
+def subject_score_table(ctx: StudyContext, role: str = "test") -> pd.DataFrame:
+    "One row per model and subject of `role` (test, or val: the healthy validation subjects): `volume_scores` of the main map."
+    rows, ss = [], ctx.sets[role]
     for name, o in ctx.outputs.items():
-        for i, vol in enumerate(o.get("volumes", [])):
-            m = subject_volumes(ss, i)["mask"]; v = vol[m] if m.any() else vol.ravel()
-            rows.append({"model": name, "postprocess": ctx.cfg.postprocess[-1], "subject": ss.subjects[i]["id"],
-                         "score_mean": float(v.mean()), "score_p99": float(np.percentile(v, 99)),
-                         "lesion_voxels": int(subject_volumes(ss, i)["label"].sum())})
+        scores = volume_scores(ss, o.get("volumes", [])) if role == "test" else o.get("healthy_scores", [])
+        for i, r in enumerate(scores):
+            extra = {"lesion_voxels": int(subject_volumes(ss, i)["label"].sum())} if role == "test" else {}
+            rows.append({"model": name, "postprocess": ctx.cfg.postprocess[-1], **r, **extra})
     return pd.DataFrame(rows)
+
+def scan_grid(path: str | Path) -> dict:
+    "A NIfTI file's orientation (axis codes: 'RAS', 'LPS', ...), voxel size and field of view in mm along R, A, S (header only)."
+    import nibabel as nib
+    img = nib.load(str(path))
+    ornt = nib.orientations.io_orientation(img.affine)
+    zooms, fov = [0.0] * 3, [0.0] * 3
+    for j in range(3):
+        a = int(ornt[j, 0]); zooms[a] = round(float(img.header.get_zooms()[j]), 4); fov[a] = round(zooms[a] * img.shape[j], 3)
+    return {"orientation": "".join(nib.orientations.aff2axcodes(img.affine)), "voxel_mm": zooms, "fov_mm": fov}
+
+def grid_record(subjects: list, modality: str) -> dict:
+    "The training scans' grids (what `uad-study score` compares new scans with): orientations counted, voxel size range."
+    from uad_study.preprocess import _get_image
+    grids = [scan_grid(_get_image(s, modality)) for s in subjects]
+    rec = {"n_scans": len(grids), "orientations": dict(Counter(g["orientation"] for g in grids))}
+    for key in ("voxel_mm", "fov_mm"):
+        a = np.array([g[key] for g in grids])
+        rec |= {f"{key}_min": a.min(0).round(4).tolist(), f"{key}_median": np.median(a, 0).round(4).tolist(),
+                f"{key}_max": a.max(0).round(4).tolist()}
+    return rec
 
 # %% ../nbs/13_study.ipynb #b037a8c8
 def common_figures(ctx: StudyContext) -> list[Path]:
@@ -747,7 +779,7 @@ def common_figures(ctx: StudyContext) -> list[Path]:
 
 # %% ../nbs/13_study.ipynb #5ba00ad3
 def finish_study(ctx: StudyContext, t0: float) -> dict:
-    "Write metrics.json, metrics.csv, subject_scores.csv, the paper tables and the figures; returns the run's result."
+    "Write metrics.json, metrics.csv, subject_scores.csv, healthy_scores.csv, the paper tables and the figures; returns the run's result."
     cfg, spec, out, info = ctx.cfg, ctx.spec, ctx.out, ctx.data["info"]
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "dice_per_subject"} for r in ctx.results])
     if len(table):
@@ -756,12 +788,14 @@ def finish_study(ctx: StudyContext, t0: float) -> dict:
     ctx_kw = {"ctx": ctx} if spec.tables and "ctx" in inspect.signature(spec.tables).parameters else {}
     tables = spec.tables(table, cfg, **ctx_kw) if spec.tables and len(table) else {}
     figs = common_figures(ctx) + (spec.figures(ctx) if spec.figures else [])
-    for fname, df in {"metrics": table, "subject_scores": subject_score_table(ctx), **tables}.items():
+    for fname, df in {"metrics": table, "subject_scores": subject_score_table(ctx),
+                      "healthy_scores": subject_score_table(ctx, "val"), **tables}.items():
         with atomic_path(out / f"{fname}.csv") as tmp: round_table(df).to_csv(tmp, index=False)
     n = {f"n_{k}_subjects": len(ctx.data[k]) for k in ROLES if k in ctx.data}
     summary = {"study": spec.name, "profile": cfg.profile, "data": {**info, **n, **{f"n_{k}_slices": len(s) for k, s in ctx.sets.items()},
                "label_voxels_outside_selected_slices": int(sum(s["label_voxels_total"] - s["label_voxels_in_slices"]
-                                                               for s in ctx.sets["test"].subjects))},
+                                                               for s in ctx.sets["test"].subjects)),
+               "train_grid": grid_record(ctx.data["train"], cfg.modality)},
                "protocols": protocols_record(cfg), "results": ctx.results,
                "postprocessing_voxels": {p: {s["id"]: postprocess_steps(PRESETS[p], slice_spacing(s, ctx.sets["test"].recipe))
                                              for s in ctx.sets["test"].subjects} for p in cfg.postprocess if uses_mm(p)},
@@ -802,7 +836,7 @@ def format_summary(r: dict) -> str:
     if len(t):
         cols = [c for c in r["context"].spec.summary_columns if c in t]
         lines.append(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    lines += [f"\nrun folder: {r['out_dir']}", "  config.json, metrics.json, metrics.csv, subject_scores.csv, split.csv"
+    lines += [f"\nrun folder: {r['out_dir']}", "  config.json, metrics.json, metrics.csv, subject_scores.csv, healthy_scores.csv, split.csv"
               + "".join(f", {k}.csv" for k in r["tables"]), "  maps/<model>/<subject>_anomaly.nii.gz",
               "  figures/: " + ", ".join(sorted({Path(p).name for p in s["figures"]})),
               "  models/<model>/last.pt, train_log.csv", f"time: {s['timings_s']['total']:.0f} s"]

@@ -20,7 +20,7 @@ from .models.reversed_ae import SoftIntroObjective, SoftIntroVAE
 from .models.swin_mae import SwinMAE, SwinMAEObjective
 from .models.vq_transformer import VQTransformer, train_vq_transformer
 from .preprocess import RandomAffineFlip
-from .training import train_model
+from .training import load_evaluated, train_model
 from .scores import load_lpips, ssim_index_map
 from .figures import save_figure
 from .study import (AugmentedObjective, DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config,
@@ -30,9 +30,10 @@ from .study import (AugmentedObjective, DataPart, EvalPart, ModelSpec, RunPart, 
 # %% auto #0
 __all__ = ['FAMILIES', 'PAPER_ROWS', 'PAPER_TRAIN', 'MODEL_SPECS', 'ArchStudyConfig', 'PROFILES', 'MODELS', 'PAPER_DATA', 'SPEC',
            'family', 'ArchModelPart', 'healthy_sets', 'tr_epochs', 'model_training', 'code_grid', 'study_model',
-           'study_objective', 'fit_vq_transformer', 'lpips_net', 'map_of', 'map_kwargs', 'describe_model',
-           'healthy_slice_sets', 'healthy_reconstructions', 'ssim_rows', 'evaluate_arch_model', 'table1', 'table2',
-           'ssim_long', 'paper_claims', 'compare_tables', 'fig2', 'arch_figures', 'arch_config', 'run_arch_study']
+           'study_objective', 'fit_vq_transformer', 'load_vq_transformer', 'lpips_net', 'map_of', 'map_kwargs',
+           'describe_model', 'healthy_slice_sets', 'healthy_reconstructions', 'ssim_rows', 'evaluate_arch_model',
+           'table1', 'table2', 'ssim_long', 'paper_claims', 'compare_tables', 'fig2', 'arch_figures', 'arch_config',
+           'run_arch_study']
 
 # %% ../nbs/13f_study_arch.ipynb #79fc16c0
 FAMILIES = ("vqvae", "swin-mae", "ra", "vqvae-tr")
@@ -185,6 +186,13 @@ def fit_vq_transformer(model, sets: dict, cfg, ckpt_dir, resume: bool, progress:
     model.heal_cache = {}     # the evaluation heals the same slices several times: each distinct code map once (exact)
     return h
 
+def load_vq_transformer(model, ckpt_dir) -> None:
+    "ModelSpec.load: stage 1 from the VQ-VAE row's folder, the transformer from ckpt_dir/transformer, as the run evaluated them."
+    ckpt_dir = Path(ckpt_dir)
+    load_evaluated(model.vqvae, ckpt_dir.parent / "vqvae"); load_evaluated(model.transformer, ckpt_dir / "transformer")
+    model.heal_cache = {}
+
+
 # %% ../nbs/13f_study_arch.ipynb #acfcfdc3
 _NETS: dict = {}
 
@@ -223,6 +231,7 @@ MODELS = {m: ModelSpec(build=lambda cfg, m=m: study_model(m, cfg), objective=lam
                        describe=lambda cfg, m=m: describe_model(m, cfg), weights_of=f if a else "",
                        train_overrides=lambda cfg, f=f: model_training(f, cfg),
                        fit=fit_vq_transformer if f == "vqvae-tr" and not a else None,
+                       load=load_vq_transformer if f == "vqvae-tr" and not a else None,
                        anomaly_map=lambda cfg, m=m: map_of(m, cfg), map_kwargs=lambda cfg, m=m: map_kwargs(m, cfg),
                        row=lambda cfg, f=f, a=a: {"family": f, "paper_row": PAPER_ROWS[f], "map_kind": "L1 only" if a else "L1 x perceptual"})
           for m, (f, a) in MODEL_SPECS.items()}

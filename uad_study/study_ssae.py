@@ -19,7 +19,7 @@ from .core import UADInputError, atomic_path, paper_table, resolve_path
 from .models.baselines import BaselineObjective
 from .models.ssae import PLAIN_MODELS, SSAE, LaplacianPyramid, SSAEObjective, ssae_fit
 from .preprocess import build_slices
-from .training import train_model
+from .training import load_evaluated, train_model
 from .inference import residual
 from .scores import level_outputs, scale_space_aggregate, scale_space_map
 from .metrics import evaluate_protocol
@@ -31,11 +31,11 @@ from .study import (SOURCE_KINDS, DataPart, EvalPart, ModelSpec, RunPart, StudyS
 # %% auto #0
 __all__ = ['VARIANTS', 'LOWER', 'PAPER_NAMES', 'MODEL_SPECS', 'SSAEStudyConfig', 'PROFILES', 'SMALL', 'LARGE', 'MODELS',
            'PAPER_DATA', 'COMPARATORS', 'SPEC', 'MultiResolutionAE', 'pyramid_images', 'fit_plain_levels', 'fit_ssae',
-           'base_model', 'model_levels', 'entry_level', 'scale_label', 'SSAEModelPart', 'lesion_names',
-           'extra_test_source', 'study_model', 'study_objective', 'model_columns', 'describe_model', 'subject_groups',
-           'set_rows', 'load_extra_test', 'evaluate_ssae_model', 'per_set_table', 'paper_rows', 'wide_rows', 'table1',
-           'table2', 'complexity_table', 'paper_claims', 'compare_tables', 'level_errors', 'fig3_errors',
-           'fig2_reconstructions', 'ssae_figures', 'ssae_config', 'run_ssae_study']
+           'load_plain_levels', 'load_ssae', 'base_model', 'model_levels', 'entry_level', 'scale_label',
+           'SSAEModelPart', 'lesion_names', 'extra_test_source', 'study_model', 'study_objective', 'model_columns',
+           'describe_model', 'subject_groups', 'set_rows', 'load_extra_test', 'evaluate_ssae_model', 'per_set_table',
+           'paper_rows', 'wide_rows', 'table1', 'table2', 'complexity_table', 'paper_claims', 'compare_tables',
+           'level_errors', 'fig3_errors', 'fig2_reconstructions', 'ssae_figures', 'ssae_config', 'run_ssae_study']
 
 # %% ../nbs/13e_study_ssae.ipynb #8e667793
 class MultiResolutionAE(nn.Module):
@@ -98,6 +98,16 @@ def fit_plain_levels(model: MultiResolutionAE, sets: dict, cfg, ckpt_dir, resume
 def fit_ssae(model: SSAE, sets: dict, cfg, ckpt_dir, resume: bool, progress: bool) -> list[dict]:
     "ModelSpec.fit of an SSAE: `models.ssae.train_ssae`, level by level from the coarsest, with the config's loss and KL weight."
     return ssae_fit(cfg.recon_loss, cfg.beta_kl, train_fn=train_model, train_config=train_config)(model, sets, cfg, ckpt_dir, resume, progress)
+
+def load_plain_levels(model: MultiResolutionAE, ckpt_dir) -> None:
+    "ModelSpec.load of a MultiResolutionAE: network k from ckpt_dir/level<k>, as the run evaluated it."
+    for k in range(model.levels + 1): load_evaluated(model.nets[k], Path(ckpt_dir) / f"level{k}")
+    model.eval()
+
+def load_ssae(model: SSAE, ckpt_dir) -> None:
+    "ModelSpec.load of an SSAE: level 0 trains last and its checkpoints hold the whole model."
+    load_evaluated(model, Path(ckpt_dir) / "level0"); model.eval()
+
 
 # %% ../nbs/13e_study_ssae.ipynb #b61b37ba
 VARIANTS = {"dense": (("ae-dense", "AE (dense)"), ("ssae-dense", "SSAE (dense)")),
@@ -247,6 +257,7 @@ def describe_model(name: str, cfg) -> dict:
 MODELS = {m: ModelSpec(build=lambda cfg, m=m: study_model(m, cfg), objective=lambda cfg, m=m: study_objective(m, cfg),
                        describe=lambda cfg, m=m: describe_model(m, cfg), row=lambda cfg, m=m: model_columns(m, cfg),
                        fit=(fit_ssae if f == "ssae" else fit_plain_levels) if s is None else None,
+                       load=(load_ssae if f == "ssae" else load_plain_levels) if s is None else None,
                        weights_of="" if s is None else base_model(m), anomaly_map=lambda cfg: "scale_space",
                        map_kwargs=lambda cfg, m=m: {"level": entry_level(m, cfg), "kind": cfg.anomaly_map})
           for m, (f, k, s) in MODEL_SPECS.items()}

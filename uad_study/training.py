@@ -23,7 +23,8 @@ from .objective import Objective
 
 # %% auto #0
 __all__ = ['AMP_MODES', 'SCHEDULES', 'TrainConfig', 'DistInfo', 'dist_info', 'init_distributed', 'unwrap_model', 'amp_dtype',
-           'lr_at', 'StepContext', 'save_checkpoint', 'load_checkpoint', 'evaluate_loss', 'train_model', 'Objective']
+           'lr_at', 'StepContext', 'save_checkpoint', 'load_checkpoint', 'evaluate_loss', 'train_model',
+           'evaluated_checkpoint', 'load_evaluated', 'Objective']
 
 # %% ../nbs/07_training.ipynb #bd401324
 AMP_MODES = ("off", "auto", "bf16", "fp16")
@@ -524,3 +525,19 @@ def train_model(model: nn.Module,
         if run.undo_sync_bn is not None: run.undo_sync_bn()
     model.eval()
     return run.history
+
+# %% ../nbs/07_training.ipynb #cc409ae6
+def evaluated_checkpoint(ckpt_dir: str | Path) -> Path:
+    "The checkpoint whose weights `train_model` leaves in the model: best.pt after an early stop, else last.pt."
+    ckpt_dir = Path(ckpt_dir)
+    last, best = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    if not last.is_file(): raise UADInputError("no last.pt: this model has not finished an epoch of training", None, ckpt_dir)
+    stopped = bool((load_checkpoint(last).get("early_stop") or {}).get("stopped"))
+    if stopped and not best.is_file(): raise UADInputError("an early-stopped run needs its best.pt", None, best)
+    return best if stopped else last
+
+def load_evaluated(model: nn.Module, ckpt_dir: str | Path) -> Path:
+    "Load into `model` the weights its training run evaluated (see `evaluated_checkpoint`); returns the file."
+    path = evaluated_checkpoint(ckpt_dir)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return path
