@@ -191,7 +191,7 @@ def _runs_parser(sub) -> None:
 
 # %% ../nbs/14_cli.ipynb #4f4f5ac2
 # the benchmark presets (kept here so --help does not import the generator; a test pins it to benchmark.PRESET_NAMES)
-BENCHMARK_PRESETS = ("easy", "standard", "hard", "smoke", "tiny", "standard-artefacts", "smoke-artefacts")
+BENCHMARK_PRESETS = ("easy", "standard", "hard", "demo", "smoke", "tiny", "standard-artefacts", "smoke-artefacts")
 
 def _data_gen_parsers(sub) -> None:
     b = sub.add_parser("benchmark", help="generate (or find) the embedded benchmark v2, or verify one against its manifest",

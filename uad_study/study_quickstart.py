@@ -30,7 +30,7 @@ QuickstartConfig = compose_config("QuickstartConfig", {"run": RunPart, "data": D
                                   "Everything that defines a quickstart run; written to the run's config.json.")
 
 PROFILES = {
-    "demo": dict(out_dir="runs/demo", threads=2),
+    "demo": dict(out_dir="runs/demo", threads=2, train="benchmark:demo", test="benchmark:demo:glioma"),
     "smoke": dict(out_dir="runs/smoke", train="benchmark:smoke", test="benchmark:smoke:glioma", resolution=32,
                   channels=(16, 32, 64), latent_dim=32, epochs=8, n_example_subjects=2),
 }
