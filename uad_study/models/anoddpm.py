@@ -17,8 +17,8 @@ from ..noise import NoiseConfig, simplex_noise
 from ..objective import Objective
 
 # %% auto #0
-__all__ = ['NOISE_KINDS', 'ANODDPM_PROFILES', 'DDPMSchedule', 'matched_t', 'AnoDDPMConfig', 'ddpm_unet', 'AnoDDPM',
-           'DDPMObjective', 'anoddpm_config', 'anoddpm_spec']
+__all__ = ['NOISE_KINDS', 'ANODDPM_PROFILES', 'ANODDPM_CH_MULT', 'DDPMSchedule', 'matched_t', 'AnoDDPMConfig', 'ddpm_unet',
+           'AnoDDPM', 'DDPMObjective', 'anoddpm_config', 'anoddpm_spec']
 
 # %% ../../nbs/06j_anoddpm.ipynb #9d5881e2
 class DDPMSchedule(nn.Module):
@@ -119,7 +119,7 @@ ANODDPM_PROFILES = {  # AnoDDPMConfig fields per study profile (in_size and seed
 def ddpm_unet(cfg: AnoDDPMConfig) -> nn.Module:
     "MONAI's DiffusionModelUNet at cfg's widths: attention where the feature map is attn_res wide, heads of width c / heads."
     from monai.networks.nets import DiffusionModelUNet  # imported here: MONAI takes seconds to import
-    chans = tuple(cfg.ch * m for m in cfg.ch_mult)
+    chans = tuple(int(cfg.ch * m) for m in cfg.ch_mult)
     attn = tuple(cfg.in_size // 2 ** l in cfg.attn_res for l in range(len(chans)))
     return DiffusionModelUNet(spatial_dims=2, in_channels=cfg.in_ch, out_channels=cfg.in_ch, num_res_blocks=cfg.n_res,
                               channels=chans, attention_levels=attn, norm_num_groups=math.gcd(32, *chans),
@@ -211,10 +211,13 @@ class DDPMObjective(Objective):
             return self.loss(model, batch)
 
 # %% ../../nbs/06j_anoddpm.ipynb #429f2a34
+ANODDPM_CH_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 3, 4)}  # AnoDDPM's code per image size
+
 def anoddpm_config(profile: str, resolution: int, seed: int = 0, **over) -> AnoDDPMConfig:
-    "The AnoDDPMConfig of a profile ('smoke', 'cpu', 'paper') at `resolution` px, with field overrides."
+    "The AnoDDPMConfig of a profile ('smoke', 'cpu', 'paper') at `resolution` px, with field overrides; paper: the code's ch_mult for that size."
     if profile not in ANODDPM_PROFILES: raise UADInputError(f"profile must be one of {list(ANODDPM_PROFILES)}", profile)
-    return AnoDDPMConfig(**{**ANODDPM_PROFILES[profile], "in_size": resolution, "seed": seed, **over})
+    size = {"ch_mult": ANODDPM_CH_MULT[resolution]} if profile == "paper" and resolution in ANODDPM_CH_MULT else {}
+    return AnoDDPMConfig(**{**ANODDPM_PROFILES[profile], **size, "in_size": resolution, "seed": seed, **over})
 
 def anoddpm_spec(profile: str = "smoke", kind: str = "l2", **over) -> dict:
     "Keyword arguments of `study.ModelSpec` for AnoDDPM at a profile: build, objective, describe, row."
