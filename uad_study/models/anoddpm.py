@@ -112,7 +112,7 @@ class AnoDDPMConfig:
 # %% ../../nbs/06j_anoddpm.ipynb #c8265859
 ANODDPM_PROFILES = {  # AnoDDPMConfig fields per study profile (in_size and seed come from the study config)
     "smoke": dict(ch=16, ch_mult=(1, 2, 2), n_res=1, attn_res=(8,), heads=2, T=50, t_test=matched_t(50)),
-    "cpu": dict(ch=32, ch_mult=(1, 2, 2, 4), n_res=1, attn_res=(16, 8), heads=2, T=200, t_test=matched_t(200)),
+    "cpu": dict(ch=16, ch_mult=(1, 2, 2, 4), n_res=1, attn_res=(16, 8), heads=2, T=100, t_test=matched_t(100)),
     "paper": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), n_res=2, attn_res=(16, 8), heads=2, T=1000, t_test=250),
 }
 
