@@ -418,3 +418,33 @@ def test_reconstruction_fidelity_empty_regions_and_bad_shapes():
     assert np.isnan(f["anomalous"]["mse"]) and f["anomalous"]["n_pixels"] == 0
     with pytest.raises(UADInputError, match="must both be"):
         reconstruction_fidelity(x, x[0])
+
+
+# --- narrowed dtypes and in-place sorting (issue 19): same numbers, the caller's arrays untouched --------------
+
+@pytest.mark.parametrize("kind", ["float32", "float64_exact", "float64", "int16", "uint8", "list"])
+def test_dtypes_give_the_same_metrics_and_leave_inputs_alone(kind):
+    rng = np.random.default_rng(7)
+    base = np.rint(rng.normal(300, 120, 20000)).clip(0, 1000)          # int16-like intensities: heavy ties
+    y = rng.random(base.size) < 0.1
+    base[y] += 80
+    ref = pixel_metrics(base.astype(np.float64), y)
+    s = {"float32": base.astype(np.float32), "float64_exact": base.astype(np.float64), "int16": base.astype(np.int16),
+         "float64": base + rng.random(base.size) * 1e-9, "uint8": (base // 4).clip(0, 255).astype(np.uint8),
+         "list": [base[:5000].astype(np.float32), base[5000:].astype(np.float32)]}[kind]
+    before = [a.copy() for a in s] if kind == "list" else s.copy()
+    m = pixel_metrics(s, y)
+    if kind in ("float32", "float64_exact", "int16", "list"):
+        assert (m["auroc"], m["auprc"], m["best_dice"], m["best_threshold"]) == (ref["auroc"], ref["auprc"], ref["best_dice"], ref["best_threshold"])
+    flat = np.concatenate([a.ravel() for a in s]) if kind == "list" else s
+    assert abs(m["auroc"] - skm.roc_auc_score(y, flat)) < 1e-12 and abs(m["auprc"] - skm.average_precision_score(y, flat)) < 1e-12
+    if kind == "list": assert all(np.array_equal(a, b) for a, b in zip(s, before))
+    else: assert np.array_equal(s, before) and s.dtype == before.dtype
+
+
+def test_narrow_keeps_values():
+    from uad_study.metrics import _narrow
+    assert _narrow(np.array([1, -3], np.int16)).dtype == np.float32
+    assert _narrow(np.array([0.5, 2.0])).dtype == np.float32                 # float64 that float32 holds exactly
+    assert _narrow(np.array([0.1, 2.0])).dtype == np.float64                 # 0.1 is not a float32
+    assert _narrow(np.array([2**30 + 1], np.int64)).dtype == np.float64

@@ -30,14 +30,23 @@ def _flatten(x) -> tuple[np.ndarray, list]:
     a = np.asarray(x)
     return a.ravel(), [a.shape]
 
+def _narrow(s: np.ndarray) -> np.ndarray:
+    "Scores as float32 where float32 holds every value exactly (ints up to 16 bits, float16, most float64 maps), else float64."
+    if s.dtype == np.float32: return s
+    if s.dtype == bool or s.dtype == np.float16 or (np.issubdtype(s.dtype, np.integer) and s.dtype.itemsize <= 2):
+        return s.astype(np.float32)
+    if s.dtype == np.float64:
+        s32 = s.astype(np.float32)
+        return s32 if np.array_equal(s32, s) else s
+    return s.astype(np.float64)
+
 def _scores(s: np.ndarray, name: str = "scores") -> np.ndarray:
-    "Real, finite scores as float32/float64 (other real dtypes become float64)."
+    "Real, finite scores as float32 where that is exact, else float64 (`_narrow`)."
     if not (np.issubdtype(s.dtype, np.number) or s.dtype == bool) or np.issubdtype(s.dtype, np.complexfloating):
         raise UADInputError(f"`{name}` must hold real numbers, got dtype", str(s.dtype))
-    if s.dtype not in (np.float32, np.float64): s = s.astype(np.float64)
-    n_bad = int(s.size - np.count_nonzero(np.isfinite(s)))
+    n_bad = int(s.size - np.count_nonzero(np.isfinite(s))) if s.dtype.kind == "f" else 0
     if n_bad: raise UADInputError(f"`{name}` must be finite; number of NaN/inf values", n_bad)
-    return s
+    return _narrow(s)
 
 def _labels(y: np.ndarray, name: str = "labels") -> np.ndarray:
     "Binary labels as bool; anything but bool or 0/1 is refused (BraTS 0/1/2/4 must be binarised first)."
@@ -61,13 +70,20 @@ def _pair(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     if s.size == 0: raise UADInputError("`scores` is empty: nothing to evaluate")
     return _scores(s), _labels(y)
 
+def _own(s: np.ndarray, scores) -> bool:
+    "Whether the checked scores `s` are a buffer of ours (a copy), so they may be sorted in place."
+    return isinstance(scores, (list, tuple)) or not np.may_share_memory(s, np.asarray(scores))
+
+# %% ../nbs/11_metrics.ipynb #a19f0001
 def curve_counts(scores,  # anomaly scores, any shape (or a list of volumes, pooled)
                  labels,  # binary labels (bool or 0/1), same shape(s)
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     "Exact `(thresholds, tp, fp, n_pos, n_neg)`: at each distinct score (descending), the voxels with score >= it."
     s, y = _pair(scores, labels)
-    n, pos = int(s.size), np.sort(s[y])        # scores of the lesion voxels, ascending
-    srt = np.sort(s)                           # every score: one sort, ties kept together
+    n, pos = int(s.size), s[y]                 # scores of the lesion voxels (a copy) ...
+    pos.sort()                                 # ... ascending
+    srt = s if _own(s, scores) else s.copy()   # every score: one sort in place (no second buffer), ties kept together
+    srt.sort(); del s
     first = np.empty(n, bool); first[0] = True
     np.not_equal(srt[1:], srt[:-1], out=first[1:])
     n_lt = np.flatnonzero(first)               # number of scores below each distinct value
