@@ -448,3 +448,44 @@ def test_narrow_keeps_values():
     assert _narrow(np.array([0.5, 2.0])).dtype == np.float32                 # float64 that float32 holds exactly
     assert _narrow(np.array([0.1, 2.0])).dtype == np.float64                 # 0.1 is not a float32
     assert _narrow(np.array([2**30 + 1], np.int64)).dtype == np.float64
+
+
+# --- the torch path (the GPU engine, checked here with torch on the CPU) ------------------------------------------
+
+def _maps(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5000))
+    kind = seed % 4
+    s = {0: rng.random(n), 1: np.rint(rng.normal(0, 3, n)), 2: np.where(rng.random(n) < 0.8, 0.0, rng.random(n)),
+         3: rng.choice([-0.0, 0.0, 0.5, 1.0], n)}[kind]
+    s = s.astype(np.float32 if seed % 2 else np.float64)
+    y = rng.random(n) < (0.0 if seed % 7 == 6 else 0.2)
+    return s, y
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_torch_counts_equal_numpy(seed):
+    s, y = _maps(seed)
+    a, b = curve_counts(s, y, engine="numpy"), curve_counts(s, y, engine="torch")
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+        assert np.asarray(u).dtype == np.asarray(v).dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1, m2 = pixel_metrics(s, y, engine="numpy"), pixel_metrics(s, y, engine="torch")
+    assert json.dumps(m1) == json.dumps(m2)          # bit for bit, nan included
+
+
+def test_engine_choice():
+    import torch
+    from uad_study.metrics import TORCH_MIN_VOXELS, _use_torch
+    assert _use_torch("auto", TORCH_MIN_VOXELS) == torch.cuda.is_available()
+    assert not _use_torch("auto", 10) and _use_torch("torch", 10) and not _use_torch("numpy", 10**9)
+    with pytest.raises(UADInputError, match="engine"): curve_counts([0.1], [1], engine="jax")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_counts_equal_numpy():
+    s, y = _maps(2)
+    s = np.tile(s, 300); y = np.tile(y, 300)     # large enough for engine="auto" to pick the GPU
+    for u, v in zip(curve_counts(s, y, engine="numpy"), curve_counts(s, y)): np.testing.assert_array_equal(u, v)

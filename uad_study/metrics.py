@@ -16,10 +16,10 @@ from .core import UADInputError
 from .scores import lpips_map, slice_scores, ssim_index_map
 
 # %% auto #0
-__all__ = ['curve_counts', 'roc_curve', 'pr_curve', 'metrics_from_counts', 'pixel_metrics', 'PixelMetricsAccumulator', 'dice',
-           'per_subject_dice', 'threshold_metrics', 'dice_summary', 'EvalProtocol', 'protocol_description',
-           'threshold_at_fpr', 'greedy_threshold', 'choose_threshold', 'evaluate_protocol', 'volume_slice_scores',
-           'slice_detection', 'sample_detection', 'reconstruction_fidelity', 'bbox_localisation']
+__all__ = ['TORCH_MIN_VOXELS', 'curve_counts', 'roc_curve', 'pr_curve', 'metrics_from_counts', 'pixel_metrics',
+           'PixelMetricsAccumulator', 'dice', 'per_subject_dice', 'threshold_metrics', 'dice_summary', 'EvalProtocol',
+           'protocol_description', 'threshold_at_fpr', 'greedy_threshold', 'choose_threshold', 'evaluate_protocol',
+           'volume_slice_scores', 'slice_detection', 'sample_detection', 'reconstruction_fidelity', 'bbox_localisation']
 
 # %% ../nbs/11_metrics.ipynb #4783b8e7
 def _flatten(x) -> tuple[np.ndarray, list]:
@@ -74,12 +74,41 @@ def _own(s: np.ndarray, scores) -> bool:
     "Whether the checked scores `s` are a buffer of ours (a copy), so they may be sorted in place."
     return isinstance(scores, (list, tuple)) or not np.may_share_memory(s, np.asarray(scores))
 
+# %% ../nbs/11_metrics.ipynb #a19f0004
+TORCH_MIN_VOXELS = 1 << 20   # engine="auto" sorts on the GPU from this many voxels (smaller maps: the copy costs more)
+
+def _use_torch(engine: str, n: int) -> bool:
+    "Whether `curve_counts` sorts with torch: always for 'torch', on CUDA for large maps with 'auto'."
+    if engine not in ("auto", "numpy", "torch"): raise UADInputError("`engine` must be 'auto', 'numpy' or 'torch'", engine)
+    if engine != "auto": return engine == "torch"
+    import torch
+    return n >= TORCH_MIN_VOXELS and torch.cuda.is_available()
+
+def _curve_counts_torch(s: np.ndarray, y: np.ndarray) -> tuple:
+    "`curve_counts` with the sorts and searches in torch (CUDA if present, else CPU): the same integers and thresholds."
+    import torch
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t, yt = torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev)
+    pos = torch.sort(t[yt]).values
+    srt = torch.sort(t).values; del t
+    first = torch.ones(srt.numel(), dtype=torch.bool, device=dev)
+    torch.ne(srt[1:], srt[:-1], out=first[1:])
+    n_lt = torch.nonzero(first).squeeze(1); del first
+    thr = srt[n_lt]; del srt
+    n, n_pos = int(s.size), int(pos.numel())
+    tp = n_pos - torch.searchsorted(pos, thr, right=False)       # positives at or above each distinct value
+    fp = (n - n_lt) - tp
+    thr = np.add(thr.flip(0).cpu().numpy(), 0.0, dtype=np.float64)  # descending; + 0.0 turns a -0.0 into 0.0
+    return thr, tp.flip(0).cpu().numpy().astype(np.int64), fp.flip(0).cpu().numpy().astype(np.int64), n_pos, n - n_pos
+
 # %% ../nbs/11_metrics.ipynb #a19f0001
 def curve_counts(scores,  # anomaly scores, any shape (or a list of volumes, pooled)
                  labels,  # binary labels (bool or 0/1), same shape(s)
+                 engine: str = "auto",  # "numpy", "torch" (on CUDA when present, else CPU), "auto": torch on CUDA for large maps
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     "Exact `(thresholds, tp, fp, n_pos, n_neg)`: at each distinct score (descending), the voxels with score >= it."
     s, y = _pair(scores, labels)
+    if _use_torch(engine, s.size): return _curve_counts_torch(s, y)
     n, pos = int(s.size), s[y]                 # scores of the lesion voxels (a copy) ...
     pos.sort()                                 # ... ascending
     srt = s if _own(s, scores) else s.copy()   # every score: one sort in place (no second buffer), ties kept together
@@ -145,9 +174,10 @@ def metrics_from_counts(thr: np.ndarray,  # distinct scores, descending (float64
 
 def pixel_metrics(scores,  # anomaly scores, any shape (or a list of volumes, pooled)
                   labels,  # binary labels, same shape(s)
+                  engine: str = "auto",  # sorts in "numpy" or "torch"; "auto": torch on CUDA for large maps (curve_counts)
                   ) -> dict:
     "Voxel-wise AUROC, AUPRC, best DICE (and its threshold), prevalence and counts, pooled over all voxels."
-    thr, tp, fp, n_pos, n_neg = curve_counts(scores, labels)
+    thr, tp, fp, n_pos, n_neg = curve_counts(scores, labels, engine)
     return _metrics(thr, tp, fp, np.diff(tp, prepend=0), np.diff(fp, prepend=0), n_pos, n_neg)
 
 # %% ../nbs/11_metrics.ipynb #00753895

@@ -16,8 +16,8 @@ import pandas as pd
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['SKIP', 'is_run', 'find_runs', 'run_record', 'runs_table', 'load_run', 'load_run_model', 'run_threshold',
-           'name_contrast', 'check_scan', 'score_scans']
+__all__ = ['SKIP', 'SCANS_PER_WORKER', 'is_run', 'find_runs', 'run_record', 'runs_table', 'load_run', 'load_run_model',
+           'run_threshold', 'name_contrast', 'check_scan', 'preprocess_jobs', 'score_scans']
 
 # %% ../nbs/13g_runs.ipynb #c1d4c1b9
 SKIP = {"models", "maps", "figures", "__pycache__"}  # a run folder's own subfolders: never searched for runs
@@ -183,6 +183,13 @@ def _write_scan(vol: np.ndarray, brain: np.ndarray, s: dict, recipe, thr: float 
     return row
 
 
+SCANS_PER_WORKER = 16   # preprocessing workers are spawned only when each gets at least this many scans
+
+
+def preprocess_jobs(n_jobs: int, n_scans: int) -> int:
+    "Worker processes for preprocessing `n_scans`: a spawned worker imports torch (seconds), a scan takes ~0.3 s."
+    return max(1, min(n_jobs, n_scans // SCANS_PER_WORKER))
+
 # %% ../nbs/13g_runs.ipynb #dc333a33
 def score_scans(run: str | Path,            # a run folder
                 name: str,                  # one of its models
@@ -211,7 +218,7 @@ def score_scans(run: str | Path,            # a run folder
             rows.append({"subject": s.id, "image": str(img), "status": f"refused: {e}"})
     if not ok: raise UADInputError("no scan could be scored (each refused scan is listed above)", len(subs), source)
     t0 = time.time()
-    ss = build_slices(ok, recipe, n_jobs=cfg.n_jobs, progress=progress, desc="preprocess")
+    ss = build_slices(ok, recipe, n_jobs=preprocess_jobs(cfg.n_jobs, len(ok)), progress=progress, desc="preprocess")
     t_pre = time.time() - t0
     _, maps = score_slices(model, ss.slices, map_name(ms, cfg), device, progress=progress, desc=f"score {name}", **ms.map_kwargs(cfg))
     _, vols = accumulate_maps(ss, maps, pp, cfg.space, keep=True)
