@@ -24,7 +24,6 @@ def _amp_dtype(amp: bool | str, dev: torch.device) -> torch.dtype | None:
     if amp not in (True, "auto"): raise UADInputError("amp must be 'auto', 'off', 'bf16', 'fp16' (or True/False)", amp)
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-@torch.inference_mode()
 def reconstruct(model: nn.Module,
                 slices: np.ndarray,        # (N, H, W) in [0, 1]
                 batch_size: int = 64,
@@ -41,12 +40,15 @@ def reconstruct(model: nn.Module,
     if channels_last: model.to(memory_format=fmt)
     out = np.empty(np.shape(slices), np.float32)
     dt = _amp_dtype(amp, dev)
-    for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, unit="batch"):
-        x = torch.from_numpy(np.array(slices[i:i + batch_size], np.float32))[:, None].to(dev, memory_format=fmt)
-        with torch.autocast("cuda", dtype=dt or torch.bfloat16, enabled=dt is not None):
-            r = model.reconstruct(x)
-        out[i:i + len(x)] = r[:, 0].float().cpu().numpy()
-    if channels_last: model.to(memory_format=torch.contiguous_format)
+    try:   # the layout changes stay outside inference mode: parameters made there could not be trained again
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, unit="batch"):
+                x = torch.from_numpy(np.array(slices[i:i + batch_size], np.float32))[:, None].to(dev, memory_format=fmt)
+                with torch.autocast("cuda", dtype=dt or torch.bfloat16, enabled=dt is not None):
+                    r = model.reconstruct(x)
+                out[i:i + len(x)] = r[:, 0].float().cpu().numpy()
+    finally:
+        if channels_last: model.to(memory_format=torch.contiguous_format)
     return out
 
 # %% ../nbs/08_inference.ipynb #9a69bbf5
