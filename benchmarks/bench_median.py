@@ -49,7 +49,7 @@ def main():
             t0 = time.perf_counter(); ours = median_volume(x, a.size, a.dims, engine=a.engine); t_ours.append(time.perf_counter() - t0)
             t0 = time.perf_counter(); ref = ndi.median_filter(x, size=kernel, mode="reflect"); t_ref.append(time.perf_counter() - t0)
             if not np.array_equal(ours, ref): raise SystemExit(f"outputs differ at {nz:.1%} non-zero")
-        cold = f", first call in the process {t_ours[0]:.2f} s (numba import + cache load)" if i == 0 else ""
+        cold = f", first call in the process {t_ours[0]:.2f} s (numba import + kernels from its cache, compiled once per install)" if i == 0 else ""
         ratios[nz] = min(t_ref) / min(t_ours)
         print(f"{x.shape} float32, {nz:5.1%} non-zero, kernel {kernel}: uad_study {min(t_ours):.2f} s, scipy {min(t_ref):.2f} s "
               f"(best of {a.repeat}, interleaved) -> {ratios[nz]:.1f}x, identical output{cold}", flush=True)
