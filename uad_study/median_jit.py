@@ -181,7 +181,7 @@ def median_ranked(x: np.ndarray,          # finite float32 volume (H, W, D)
                   sparse: int = 16,       # tiles with fewer than slab/sparse candidates gather each window instead
                   ) -> np.ndarray:
     "Exact `reflect` median of `x` where `cand` (0 elsewhere), equal to `scipy.ndimage.median_filter`."
-    ax = int(np.argmax(kernel))                       # slide along the longest kernel edge
+    ax = len(kernel) - 1 - int(np.argmax(kernel[::-1]))   # slide along the longest kernel edge (the last of equals: no transpose)
     ks = list(kernel); ks.append(ks.pop(ax)); kx, ky, kz = ks
     xs = np.ascontiguousarray(np.moveaxis(x, ax, -1))
     cs = np.ones(xs.shape, bool) if cand is None else np.ascontiguousarray(np.moveaxis(cand, ax, -1))
