@@ -65,7 +65,9 @@ def child(a):
     for _ in range(a.repeat):
         t0 = time.perf_counter(); m = pixel_metrics(s, y); warm.append(time.perf_counter() - t0)
         t0 = time.perf_counter(); auc, ap = roc_auc_score(y, s), average_precision_score(y, s); sk.append(time.perf_counter() - t0)
-    print(json.dumps({"n": int(s.size), "dtype": str(s.dtype), "zeros": float(np.mean(s == 0)), "distinct": int(np.unique(s).size),
+    from uad_study.metrics import _use_torch
+    engine = "torch on CUDA" if _use_torch("auto", s.size) else "numpy"
+    print(json.dumps({"engine": engine, "n": int(s.size), "dtype": str(s.dtype), "zeros": float(np.mean(s == 0)), "distinct": int(np.unique(s).size),
                       "cold": cold, "warm": min(warm), "sk": min(sk), "d_auroc": abs(m["auroc"] - auc), "d_auprc": abs(m["auprc"] - ap)}))
 
 
@@ -84,7 +86,7 @@ def main():
     r = json.loads(out.strip().splitlines()[-1])
     what = "NIfTI " + " ".join(a.nifti[0::2]) if a.nifti else a.map
     print(f"{what}: {r['n']:,} voxels ({r['dtype']}), {r['zeros']:.0%} exact zeros, {r['distinct']:,} distinct scores")
-    print(f"uad_study pixel_metrics: first call in the process {r['cold']:.3f} s, later calls {r['warm']:.3f} s (best of {a.repeat})")
+    print(f"uad_study pixel_metrics ({r['engine']}): first call in the process {r['cold']:.3f} s, later calls {r['warm']:.3f} s (best of {a.repeat})")
     print(f"scikit-learn roc_auc_score + average_precision_score: {r['sk']:.2f} s (best of {a.repeat}, same process)")
     print(f"metrics speed-up vs scikit-learn: cold {r['sk'] / r['cold']:.1f}x, warm {r['sk'] / r['warm']:.1f}x; "
           f"|dAUROC| {r['d_auroc']:.1e}, |dAUPRC| {r['d_auprc']:.1e}")
