@@ -418,3 +418,74 @@ def test_reconstruction_fidelity_empty_regions_and_bad_shapes():
     assert np.isnan(f["anomalous"]["mse"]) and f["anomalous"]["n_pixels"] == 0
     with pytest.raises(UADInputError, match="must both be"):
         reconstruction_fidelity(x, x[0])
+
+
+# --- narrowed dtypes and in-place sorting (issue 19): same numbers, the caller's arrays untouched --------------
+
+@pytest.mark.parametrize("kind", ["float32", "float64_exact", "float64", "int16", "uint8", "list"])
+def test_dtypes_give_the_same_metrics_and_leave_inputs_alone(kind):
+    rng = np.random.default_rng(7)
+    base = np.rint(rng.normal(300, 120, 20000)).clip(0, 1000)          # int16-like intensities: heavy ties
+    y = rng.random(base.size) < 0.1
+    base[y] += 80
+    ref = pixel_metrics(base.astype(np.float64), y)
+    s = {"float32": base.astype(np.float32), "float64_exact": base.astype(np.float64), "int16": base.astype(np.int16),
+         "float64": base + rng.random(base.size) * 1e-9, "uint8": (base // 4).clip(0, 255).astype(np.uint8),
+         "list": [base[:5000].astype(np.float32), base[5000:].astype(np.float32)]}[kind]
+    before = [a.copy() for a in s] if kind == "list" else s.copy()
+    m = pixel_metrics(s, y)
+    if kind in ("float32", "float64_exact", "int16", "list"):
+        assert (m["auroc"], m["auprc"], m["best_dice"], m["best_threshold"]) == (ref["auroc"], ref["auprc"], ref["best_dice"], ref["best_threshold"])
+    flat = np.concatenate([a.ravel() for a in s]) if kind == "list" else s
+    assert abs(m["auroc"] - skm.roc_auc_score(y, flat)) < 1e-12 and abs(m["auprc"] - skm.average_precision_score(y, flat)) < 1e-12
+    if kind == "list": assert all(np.array_equal(a, b) for a, b in zip(s, before))
+    else: assert np.array_equal(s, before) and s.dtype == before.dtype
+
+
+def test_narrow_keeps_values():
+    from uad_study.metrics import _narrow
+    assert _narrow(np.array([1, -3], np.int16)).dtype == np.float32
+    assert _narrow(np.array([0.5, 2.0])).dtype == np.float32                 # float64 that float32 holds exactly
+    assert _narrow(np.array([0.1, 2.0])).dtype == np.float64                 # 0.1 is not a float32
+    assert _narrow(np.array([2**30 + 1], np.int64)).dtype == np.float64
+
+
+# --- the torch path (the GPU engine, checked here with torch on the CPU) ------------------------------------------
+
+def _maps(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5000))
+    kind = seed % 4
+    s = {0: rng.random(n), 1: np.rint(rng.normal(0, 3, n)), 2: np.where(rng.random(n) < 0.8, 0.0, rng.random(n)),
+         3: rng.choice([-0.0, 0.0, 0.5, 1.0], n)}[kind]
+    s = s.astype(np.float32 if seed % 2 else np.float64)
+    y = rng.random(n) < (0.0 if seed % 7 == 6 else 0.2)
+    return s, y
+
+
+@pytest.mark.parametrize("seed", range(14))
+def test_torch_counts_equal_numpy(seed):
+    s, y = _maps(seed)
+    a, b = curve_counts(s, y, engine="numpy"), curve_counts(s, y, engine="torch")
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+        assert np.asarray(u).dtype == np.asarray(v).dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m1, m2 = pixel_metrics(s, y, engine="numpy"), pixel_metrics(s, y, engine="torch")
+    assert json.dumps(m1) == json.dumps(m2)          # bit for bit, nan included
+
+
+def test_engine_choice():
+    import torch
+    from uad_study.metrics import TORCH_MIN_VOXELS, _use_torch
+    assert _use_torch("auto", TORCH_MIN_VOXELS) == torch.cuda.is_available()
+    assert not _use_torch("auto", 10) and _use_torch("torch", 10) and not _use_torch("numpy", 10**9)
+    with pytest.raises(UADInputError, match="engine"): curve_counts([0.1], [1], engine="jax")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_counts_equal_numpy():
+    s, y = _maps(2)
+    s = np.tile(s, 300); y = np.tile(y, 300)     # large enough for engine="auto" to pick the GPU
+    for u, v in zip(curve_counts(s, y, engine="numpy"), curve_counts(s, y)): np.testing.assert_array_equal(u, v)

@@ -384,3 +384,54 @@ def test_spacing_from_a_preprocessed_subject(tmp_path):
     stacked = np.moveaxis(rec["slices"], 0, -1)                                    # (R, R, n), as the study stacks them
     out = postprocess_volume(stacked, np.moveaxis(rec["masks"], 0, -1), PRESETS["trivae_mm"], spacing=sp)
     assert out.shape == stacked.shape
+
+
+# --- the compiled (numba) engine, and every engine against scipy at the densities of real residual maps -----------
+
+def _residual_map(density, shape=(48, 44, 40), seed=0):
+    "|smooth noise| in an ellipsoidal brain, thresholded so that `density` of the volume is non-zero (float32)."
+    rng = np.random.default_rng(seed)
+    g = np.ogrid[tuple(slice(0, s) for s in shape)]
+    brain = sum(((a - s / 2) / (0.46 * s)) ** 2 for a, s in zip(g, shape)) < 1
+    r = np.abs(ndi.gaussian_filter(rng.standard_normal(shape), 1.0)).astype(np.float32)
+    r[~brain] = 0
+    r[r < np.quantile(r, 1 - density)] = 0
+    return r
+
+
+@pytest.mark.parametrize("density", [0.05, 0.16, 0.29])
+@pytest.mark.parametrize("engine", ["numba", "numpy", "auto"])
+def test_median_engines_equal_scipy_at_densities(density, engine):
+    v = _residual_map(density)
+    assert abs(np.count_nonzero(v) / v.size - density) < 0.005
+    for kernel in [(5, 5, 5), (9, 9, 1)]:
+        np.testing.assert_array_equal(median_volume(v, kernel=kernel, engine=engine), ndi.median_filter(v, size=kernel, mode="reflect"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kernel", [(5, 5, 5), (3, 3, 3), (9, 9, 1), (3, 1, 5), (7, 5, 3)])
+def test_numba_median_ties_negatives_borders(seed, kernel):
+    "Few distinct values (ties), signed maps, -0.0, shapes barely larger than the kernel."
+    from uad_study.median_jit import median_ranked
+    rng = np.random.default_rng(200 + seed)
+    shape = tuple(int(s) for s in rng.integers(4, 19, 3))
+    v = np.where(rng.random(shape) < rng.uniform(0.1, 0.9), rng.choice([0.1, 0.5, 0.5, 1.0, 2.0], shape), 0).astype(np.float32)
+    if seed % 2: v[rng.random(shape) < 0.3] *= -1
+    if seed % 3 == 2: v[v == 0] = -0.0
+    want = ndi.median_filter(v, size=kernel, mode="reflect")
+    np.testing.assert_array_equal(median_volume(v, kernel=kernel, engine="numba"), want)
+    for sparse in (0, 16):   # every tile gathered, or slid (where dense)
+        np.testing.assert_array_equal(median_ranked(v, kernel, sparse=sparse, tile=3 + seed), want)
+
+
+def test_median_engine_choice():
+    from uad_study.postprocess import JIT_MIN_VOXELS, _median_engine
+    v = _residual_map(0.16)
+    assert _median_engine(v, (5, 5, 5), "auto") == "numpy"                # small: nothing compiled
+    assert _median_engine(v, (5, 5, 5), "numba") == "numba"
+    assert _median_engine(v, (5, 5, 4), "numba") == "scipy"               # even kernel
+    assert _median_engine(v.astype(np.float64), (5, 5, 5), "numba") == "numpy"   # compiled path is float32 only
+    w = v.copy(); w[0, 0, 0] = np.nan
+    assert _median_engine(w, (5, 5, 5), "numba") == "scipy"
+    assert _median_engine(np.zeros((128, 128, JIT_MIN_VOXELS // (128 * 128)), np.float32), (5, 5, 5), "auto") == "numba"
+    with pytest.raises(UADInputError, match="engine"): median_volume(v, engine="fast")

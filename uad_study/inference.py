@@ -17,25 +17,40 @@ from .core import UADInputError, get_device
 __all__ = ['reconstruct', 'residual', 'encode']
 
 # %% ../nbs/08_inference.ipynb #8a9e0271
-@torch.no_grad()
+def _amp_dtype(amp: bool | str, dev: torch.device) -> torch.dtype | None:
+    "Autocast dtype: `auto` (and True) is bf16 on CUDA where supported, else fp16; nothing on CPU or with `off`/False."
+    if amp in (False, "off") or dev.type != "cuda": return None
+    if amp in ("bf16", "fp16"): return torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp not in (True, "auto"): raise UADInputError("amp must be 'auto', 'off', 'bf16', 'fp16' (or True/False)", amp)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
 def reconstruct(model: nn.Module,
                 slices: np.ndarray,        # (N, H, W) in [0, 1]
                 batch_size: int = 64,
                 device: str = "auto",      # "auto": CUDA if present, else CPU
-                amp: bool = False,         # bfloat16 autocast on CUDA (ignored on CPU)
+                amp: bool | str = "off",   # autocast on CUDA: "auto" (bf16, else fp16), "bf16", "fp16", "off"; never on CPU. Off by
+                                           # default: maps in bf16 carry 8 bits of mantissa, and a run's thresholds and healthy
+                                           # scores must hold for its maps wherever they are computed
+                channels_last: bool = False,  # NHWC memory layout (faster convolutions on CPU; floats differ by ~1e-7)
                 progress: bool = True,
                 desc: str = "reconstruct",
                 ) -> np.ndarray:
-    "Test-time reconstructions (N, H, W) float32 of a slice stack."
+    "Test-time reconstructions (N, H, W) float32 of a slice stack, in batches under `torch.inference_mode`."
     if np.ndim(slices) != 3: raise UADInputError("slices must be (N, H, W)", np.shape(slices))
     dev = get_device(device); model.to(dev).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last: model.to(memory_format=fmt)
     out = np.empty(np.shape(slices), np.float32)
-    use_amp = amp and dev.type == "cuda"
-    for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, unit="batch"):
-        x = torch.from_numpy(np.array(slices[i:i + batch_size], np.float32))[:, None].to(dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            r = model.reconstruct(x)
-        out[i:i + len(x)] = r[:, 0].float().cpu().numpy()
+    dt = _amp_dtype(amp, dev)
+    try:   # the layout changes stay outside inference mode: parameters made there could not be trained again
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, unit="batch"):
+                x = torch.from_numpy(np.array(slices[i:i + batch_size], np.float32))[:, None].to(dev, memory_format=fmt)
+                with torch.autocast("cuda", dtype=dt or torch.bfloat16, enabled=dt is not None):
+                    r = model.reconstruct(x)
+                out[i:i + len(x)] = r[:, 0].float().cpu().numpy()
+    finally:
+        if channels_last: model.to(memory_format=torch.contiguous_format)
     return out
 
 # %% ../nbs/08_inference.ipynb #9a69bbf5

@@ -16,10 +16,10 @@ from .core import UADInputError
 from .scores import lpips_map, slice_scores, ssim_index_map
 
 # %% auto #0
-__all__ = ['curve_counts', 'roc_curve', 'pr_curve', 'metrics_from_counts', 'pixel_metrics', 'PixelMetricsAccumulator', 'dice',
-           'per_subject_dice', 'threshold_metrics', 'dice_summary', 'EvalProtocol', 'protocol_description',
-           'threshold_at_fpr', 'greedy_threshold', 'choose_threshold', 'evaluate_protocol', 'volume_slice_scores',
-           'slice_detection', 'sample_detection', 'reconstruction_fidelity', 'bbox_localisation']
+__all__ = ['TORCH_MIN_VOXELS', 'curve_counts', 'roc_curve', 'pr_curve', 'metrics_from_counts', 'pixel_metrics',
+           'PixelMetricsAccumulator', 'dice', 'per_subject_dice', 'threshold_metrics', 'dice_summary', 'EvalProtocol',
+           'protocol_description', 'threshold_at_fpr', 'greedy_threshold', 'choose_threshold', 'evaluate_protocol',
+           'volume_slice_scores', 'slice_detection', 'sample_detection', 'reconstruction_fidelity', 'bbox_localisation']
 
 # %% ../nbs/11_metrics.ipynb #4783b8e7
 def _flatten(x) -> tuple[np.ndarray, list]:
@@ -30,14 +30,23 @@ def _flatten(x) -> tuple[np.ndarray, list]:
     a = np.asarray(x)
     return a.ravel(), [a.shape]
 
+def _narrow(s: np.ndarray) -> np.ndarray:
+    "Scores as float32 where float32 holds every value exactly (ints up to 16 bits, float16, most float64 maps), else float64."
+    if s.dtype == np.float32: return s
+    if s.dtype == bool or s.dtype == np.float16 or (np.issubdtype(s.dtype, np.integer) and s.dtype.itemsize <= 2):
+        return s.astype(np.float32)
+    if s.dtype == np.float64:
+        s32 = s.astype(np.float32)
+        return s32 if np.array_equal(s32, s) else s
+    return s.astype(np.float64)
+
 def _scores(s: np.ndarray, name: str = "scores") -> np.ndarray:
-    "Real, finite scores as float32/float64 (other real dtypes become float64)."
+    "Real, finite scores as float32 where that is exact, else float64 (`_narrow`)."
     if not (np.issubdtype(s.dtype, np.number) or s.dtype == bool) or np.issubdtype(s.dtype, np.complexfloating):
         raise UADInputError(f"`{name}` must hold real numbers, got dtype", str(s.dtype))
-    if s.dtype not in (np.float32, np.float64): s = s.astype(np.float64)
-    n_bad = int(s.size - np.count_nonzero(np.isfinite(s)))
+    n_bad = int(s.size - np.count_nonzero(np.isfinite(s))) if s.dtype.kind == "f" else 0
     if n_bad: raise UADInputError(f"`{name}` must be finite; number of NaN/inf values", n_bad)
-    return s
+    return _narrow(s)
 
 def _labels(y: np.ndarray, name: str = "labels") -> np.ndarray:
     "Binary labels as bool; anything but bool or 0/1 is refused (BraTS 0/1/2/4 must be binarised first)."
@@ -61,13 +70,49 @@ def _pair(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     if s.size == 0: raise UADInputError("`scores` is empty: nothing to evaluate")
     return _scores(s), _labels(y)
 
+def _own(s: np.ndarray, scores) -> bool:
+    "Whether the checked scores `s` are a buffer of ours (a copy), so they may be sorted in place."
+    return isinstance(scores, (list, tuple)) or not np.may_share_memory(s, np.asarray(scores))
+
+# %% ../nbs/11_metrics.ipynb #a19f0004
+TORCH_MIN_VOXELS = 1 << 20   # engine="auto" sorts on the GPU from this many voxels (smaller maps: the copy costs more)
+
+def _use_torch(engine: str, n: int) -> bool:
+    "Whether `curve_counts` sorts with torch: always for 'torch', on CUDA for large maps with 'auto'."
+    if engine not in ("auto", "numpy", "torch"): raise UADInputError("`engine` must be 'auto', 'numpy' or 'torch'", engine)
+    if engine != "auto": return engine == "torch"
+    import torch
+    return n >= TORCH_MIN_VOXELS and torch.cuda.is_available()
+
+def _curve_counts_torch(s: np.ndarray, y: np.ndarray) -> tuple:
+    "`curve_counts` with the sorts and searches in torch (CUDA if present, else CPU): the same integers and thresholds."
+    import torch
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t, yt = torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev)
+    pos = torch.sort(t[yt]).values
+    srt = torch.sort(t).values; del t
+    first = torch.ones(srt.numel(), dtype=torch.bool, device=dev)
+    torch.ne(srt[1:], srt[:-1], out=first[1:])
+    n_lt = torch.nonzero(first).squeeze(1); del first
+    thr = srt[n_lt]; del srt
+    n, n_pos = int(s.size), int(pos.numel())
+    tp = n_pos - torch.searchsorted(pos, thr, right=False)       # positives at or above each distinct value
+    fp = (n - n_lt) - tp
+    thr = np.add(thr.flip(0).cpu().numpy(), 0.0, dtype=np.float64)  # descending; + 0.0 turns a -0.0 into 0.0
+    return thr, tp.flip(0).cpu().numpy().astype(np.int64), fp.flip(0).cpu().numpy().astype(np.int64), n_pos, n - n_pos
+
+# %% ../nbs/11_metrics.ipynb #a19f0001
 def curve_counts(scores,  # anomaly scores, any shape (or a list of volumes, pooled)
                  labels,  # binary labels (bool or 0/1), same shape(s)
+                 engine: str = "auto",  # "numpy", "torch" (on CUDA when present, else CPU), "auto": torch on CUDA for large maps
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     "Exact `(thresholds, tp, fp, n_pos, n_neg)`: at each distinct score (descending), the voxels with score >= it."
     s, y = _pair(scores, labels)
-    n, pos = int(s.size), np.sort(s[y])        # scores of the lesion voxels, ascending
-    srt = np.sort(s)                           # every score: one sort, ties kept together
+    if _use_torch(engine, s.size): return _curve_counts_torch(s, y)
+    n, pos = int(s.size), s[y]                 # scores of the lesion voxels (a copy) ...
+    pos.sort()                                 # ... ascending
+    srt = s if _own(s, scores) else s.copy()   # every score: one sort in place (no second buffer), ties kept together
+    srt.sort(); del s
     first = np.empty(n, bool); first[0] = True
     np.not_equal(srt[1:], srt[:-1], out=first[1:])
     n_lt = np.flatnonzero(first)               # number of scores below each distinct value
@@ -129,9 +174,10 @@ def metrics_from_counts(thr: np.ndarray,  # distinct scores, descending (float64
 
 def pixel_metrics(scores,  # anomaly scores, any shape (or a list of volumes, pooled)
                   labels,  # binary labels, same shape(s)
+                  engine: str = "auto",  # sorts in "numpy" or "torch"; "auto": torch on CUDA for large maps (curve_counts)
                   ) -> dict:
     "Voxel-wise AUROC, AUPRC, best DICE (and its threshold), prevalence and counts, pooled over all voxels."
-    thr, tp, fp, n_pos, n_neg = curve_counts(scores, labels)
+    thr, tp, fp, n_pos, n_neg = curve_counts(scores, labels, engine)
     return _metrics(thr, tp, fp, np.diff(tp, prepend=0), np.diff(fp, prepend=0), n_pos, n_neg)
 
 # %% ../nbs/11_metrics.ipynb #00753895

@@ -17,8 +17,9 @@ from scipy import ndimage as ndi
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['TRIVAE_PAPER_SPACING', 'PRESETS', 'PostprocessConfig', 'median_kernel_voxels', 'min_component_voxels',
-           'postprocess_steps', 'median_volume', 'remove_small_components', 'postprocess_volume']
+__all__ = ['TRIVAE_PAPER_SPACING', 'PRESETS', 'JIT_MIN_VOXELS', 'PostprocessConfig', 'median_kernel_voxels',
+           'min_component_voxels', 'postprocess_steps', 'median_volume', 'remove_small_components',
+           'postprocess_volume']
 
 # %% ../nbs/10_postprocess.ipynb #a0798f6f
 _CONNECTIVITY = {"full": {3: 26, 2: 8}, "face": {3: 6, 2: 4}}  # neighbours of a voxel / pixel
@@ -212,10 +213,27 @@ def _median_nonneg(x: np.ndarray, kernel: tuple, chunk: int = 16384) -> np.ndarr
         out[ii] = np.partition(w, rank, axis=1)[:, rank]
     return out
 
+# %% ../nbs/10_postprocess.ipynb #a19d0009
+JIT_MIN_VOXELS = 1 << 20   # engine="auto" compiles (numba) for boxes at least this large; smaller ones use numpy/scipy
+
+def _median_engine(xb: np.ndarray, kernel: tuple, engine: str) -> str:
+    "Which exact engine filters the box `xb`: 'numba', 'numpy' (non-negative maps) or 'scipy' (everything else)."
+    if engine not in ("auto", "numba", "numpy", "scipy"):
+        raise UADInputError("median `engine` must be 'auto', 'numba', 'numpy' or 'scipy'", engine)
+    ok = all(k % 2 == 1 for k in kernel) and all(s > k // 2 for s, k in zip(xb.shape, kernel)) and bool(np.isfinite(xb).all())
+    if not ok or engine == "scipy": return "scipy"
+    nonneg = not (xb < 0).any()
+    if xb.dtype == np.float32 and (engine == "numba" or (engine == "auto" and xb.size >= JIT_MIN_VOXELS)):
+        try: import uad_study.median_jit  # noqa: F401  (numba is imported on first use only)
+        except ImportError: pass
+        else: return "numba"
+    return "numpy" if nonneg else "scipy"
+
 def median_volume(x: np.ndarray,  # float volume (H, W, D)
                   size: int = 5,   # kernel edge in voxels (odd)
                   dims: int = 3,   # 3: k*k*k kernel; 2: k*k*1 (each slice on its own)
                   kernel: tuple | None = None,  # (kx, ky, kz) odd edges in voxels (anisotropic); overrides size and dims
+                  engine: str = "auto",  # "auto", "numba" (compiled), "numpy" (non-negative maps) or "scipy": all exact
                   ) -> np.ndarray:
     "Median filter of a volume, equal to `ndi.median_filter(x, kernel, mode='reflect')`, computed on the non-zero box only."
     kernel = ((size, size, size) if dims == 3 else (size, size, 1)) if kernel is None else tuple(int(k) for k in kernel)
@@ -225,8 +243,15 @@ def median_volume(x: np.ndarray,  # float volume (H, W, D)
     box = _bbox(x, tuple(k // 2 + 1 for k in kernel))
     if box is None: return out
     xb = x[box]
-    fast = all(k % 2 == 1 for k in kernel) and all(s > k // 2 for s, k in zip(xb.shape, kernel)) and not (xb < 0).any()
-    out[box] = _median_nonneg(xb, kernel) if fast else ndi.median_filter(xb, size=kernel, mode="reflect")
+    how = _median_engine(xb, kernel, engine)
+    if how == "numba":
+        from uad_study.median_jit import box_count, median_ranked
+        cand = None
+        if not (xb < 0).any():   # non-negative: only windows with more than n/2 non-zeros can have a non-zero median
+            cand = box_count(np.pad(xb, [(k // 2, k // 2) for k in kernel], mode="symmetric"), *kernel) > np.prod(kernel) // 2
+        out[box] = median_ranked(xb, kernel, cand)
+    elif how == "numpy": out[box] = _median_nonneg(xb, kernel)
+    else: out[box] = ndi.median_filter(xb, size=kernel, mode="reflect")
     return out
 
 # %% ../nbs/10_postprocess.ipynb #29676dd0

@@ -16,9 +16,10 @@ import pandas as pd
 from .core import UADInputError
 
 # %% auto #0
-__all__ = ['SKIP', 'GRID_TOLERANCE', 'is_run', 'find_runs', 'run_record', 'runs_table', 'load_run', 'load_run_model',
-           'run_threshold', 'name_contrast', 'check_scan', 'grid_warnings', 'healthy_reference', 'healthy_percentile',
-           'report_slices', 'report_figure', 'write_report', 'write_report_index', 'score_scans']
+__all__ = ['SKIP', 'GRID_TOLERANCE', 'SCANS_PER_WORKER', 'is_run', 'find_runs', 'run_record', 'runs_table', 'load_run',
+           'load_run_model', 'run_threshold', 'name_contrast', 'check_scan', 'grid_warnings', 'healthy_reference',
+           'healthy_percentile', 'report_slices', 'report_figure', 'write_report', 'write_report_index',
+           'preprocess_jobs', 'score_scans']
 
 # %% ../nbs/13g_runs.ipynb #c1d4c1b9
 SKIP = {"models", "maps", "figures", "__pycache__"}  # a run folder's own subfolders: never searched for runs
@@ -323,6 +324,13 @@ def _write_scan(vol: np.ndarray, brain: np.ndarray, s: dict, recipe, thr: float 
     return row
 
 
+SCANS_PER_WORKER = 16   # preprocessing workers are spawned only when each gets at least this many scans
+
+
+def preprocess_jobs(n_jobs: int, n_scans: int) -> int:
+    "Worker processes for preprocessing `n_scans`: a spawned worker imports torch (seconds), a scan takes ~0.3 s."
+    return max(1, min(n_jobs, n_scans // SCANS_PER_WORKER))
+
 # %% ../nbs/13g_runs.ipynb #352f1ef9
 def _check_scans(subs: list, modality: str, train_grid: dict | None) -> tuple[list, list[dict], dict]:
     "(scans that pass check_scan, rows of the refused, grid warnings per scan id); one printed line per refusal or warning."
@@ -381,7 +389,7 @@ def score_scans(run: str | Path,            # a run folder
     ok, rows, warns = _check_scans(subs, recipe.modality, (met.get("data") or {}).get("train_grid"))
     if not ok: raise UADInputError("no scan could be scored (each refused scan is listed above)", len(subs), source)
     t0 = time.time()
-    ss = build_slices(ok, recipe, n_jobs=cfg.n_jobs, progress=progress, desc="preprocess")
+    ss = build_slices(ok, recipe, n_jobs=preprocess_jobs(cfg.n_jobs, len(ok)), progress=progress, desc="preprocess")
     t_pre = time.time() - t0
     x_hat, maps = score_slices(model, ss.slices, map_name(ms, cfg), device, progress=progress, desc=f"score {name}", **ms.map_kwargs(cfg))
     _, vols = accumulate_maps(ss, maps, pp, cfg.space, keep=True)
