@@ -1,4 +1,4 @@
-"""Mean and sd over seeds of the demo's metrics: `python benchmarks/demo_spread.py runs/demo-seed0 runs/demo-seed1 ...`.
+"""Mean and sd over seeds of the demo's metrics: `python benchmarks/demo_spread.py runs/demo runs/demo-seed1 runs/demo-seed2`.
 
 Writes `<first run>/../demo_spread.csv` and prints a Markdown table (model, post-processing, protocol; each metric as
 mean ± sd over the runs), the table the README shows. Every run must come from the same config except the seed."""
@@ -21,7 +21,7 @@ def main(runs: list[str]) -> pd.DataFrame:
     if len(set(seeds)) != len(seeds): sys.exit(f"runs must have different seeds, got {seeds}")
     df = pd.concat(frames)
     g = df.groupby(KEYS, sort=False)[METRICS]
-    out = g.mean().round(4).join(g.std(ddof=1).round(4), rsuffix="_sd").reset_index()
+    out = g.mean().round(4).merge(g.std(ddof=1).round(4), left_index=True, right_index=True, suffixes=("", "_sd")).reset_index()
     out.insert(len(KEYS), "n_seeds", len(runs))
     path = Path(runs[0]).parent / "demo_spread.csv"
     out.to_csv(path, index=False)

@@ -132,7 +132,7 @@ PRESETS = {
     "standard": BenchmarkConfig(),
     "easy": BenchmarkConfig(preset="easy", lesion_scale=1.4, lesion_contrast=1.5),
     "hard": BenchmarkConfig(preset="hard", lesion_scale=0.7, lesion_contrast=0.6, test_shift=1.0),
-    "demo": BenchmarkConfig(preset="demo", classes=("glioma",), n_healthy=dict(train=16, val=4, test=2),
+    "demo": BenchmarkConfig(preset="demo", classes=("glioma",), n_healthy=dict(train=12, val=4, test=2),
                             n_per_class=dict(val=1, test=8)),    # make demo: 1 mm, glioma only, sized for 10 min on 2 cores
     "smoke": BenchmarkConfig(preset="smoke", spacing_mm=2.0, n_healthy=dict(train=6, val=2, test=2),
                              n_per_class=dict(val=1, test=2)),   # study chapters' smoke profiles (~20 s)
