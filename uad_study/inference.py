@@ -35,7 +35,7 @@ def reconstruct(model: nn.Module,
                 progress: bool = True,
                 desc: str = "reconstruct",
                 ) -> np.ndarray:
-    "Test-time reconstructions (N, H, W) float32 of a slice stack, in batches under `torch.inference_mode`."
+    "Test-time reconstructions (N, H, W) float32 of a slice stack, in batches under `torch.inference_mode` (no_grad for `grad_at_test` models)."
     if np.ndim(slices) != 3: raise UADInputError("slices must be (N, H, W)", np.shape(slices))
     dev = get_device(device); model.to(dev).eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -43,7 +43,7 @@ def reconstruct(model: nn.Module,
     out = np.empty(np.shape(slices), np.float32)
     dt = _amp_dtype(amp, dev)
     try:   # the layout changes stay outside inference mode: parameters made there could not be trained again
-        with torch.inference_mode():
+        with torch.no_grad() if getattr(model, "grad_at_test", False) else torch.inference_mode():   # see below
             for i in tqdm(range(0, len(slices), batch_size), desc=desc, disable=not progress, unit="batch"):
                 x = torch.from_numpy(np.array(slices[i:i + batch_size], np.float32))[:, None].to(dev, memory_format=fmt)
                 with torch.autocast("cuda", dtype=dt or torch.bfloat16, enabled=dt is not None):

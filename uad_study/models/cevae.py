@@ -43,6 +43,7 @@ SCORES = ("combi", "rec")
 
 class CEVAE(DenseVAE):
     "Context-encoding VAE (Zimmerer et al. 2018): DenseVAE + an inpainting branch; test time: the combi score."
+    grad_at_test = True   # the combi score differentiates the VAE loss at test time: `inference.reconstruct` runs it under no_grad, not inference_mode
     def __init__(self, in_size: int = 64, channels: tuple = (32, 64, 128, 256), latent_dim: int = 128, in_channels: int = 1,
                  score: str = "combi",         # "combi": reconstruct returns x - s(x); "rec": the plain reconstruction
                  ):

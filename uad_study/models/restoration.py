@@ -137,6 +137,7 @@ def restore(neg_elbo,                   # x (B, C, H, W) -> -ELBO per image (B,)
 # %% ../../nbs/06l_restoration.ipynb #2b490bed
 class Restoration(nn.Module):
     "A VAE prior (DenseVAE or GMVAE) whose test-time output is the MAP restoration of its input (You et al. 2019)."
+    grad_at_test = True   # restoration takes gradient steps at test time: `inference.reconstruct` runs it under no_grad, not inference_mode
     def __init__(self,
                  prior_model: nn.Module,       # DenseVAE (trained with BaselineObjective l2, kl_weight 1) or GMVAE
                  steps: int = 150, step_size: float = 1e-3, lam: float = 1.8,   # `restore`'s settings
