@@ -8,6 +8,7 @@ Docs: https://uad-study.github.io/uad_study/study.html.md"""
 from __future__ import annotations
 import dataclasses, inspect, json, os, platform, re, subprocess, sys, time
 from collections import Counter
+from functools import lru_cache
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -33,19 +34,26 @@ from .scores import ANOMALY_MAPS, anomaly_map, describe_map, subject_scores, sli
 from .postprocess import PRESETS, postprocess_steps, postprocess_volume
 from .metrics import (EvalProtocol, PixelMetricsAccumulator, evaluate_protocol, protocol_description,
                                reconstruction_fidelity)
+from .models.anoddpm import ANODDPM_PROFILES, anoddpm_spec
+from .models.ascnet import ascnet_spec
+from .models.cevae import cevae_spec
+from .models.fanogan import fanogan_spec
+from .models.restoration import restoration_spec
 from .figures import plot_panels, plot_pr_curves, plot_training_curves, round_table
 
 # %% auto #0
-__all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'DataSource', 'parse_source', 'source_kinds',
-           'source_subjects', 'RunPart', 'DataPart', 'TrainPart', 'EvalPart', 'field_docs', 'compose_config',
-           'config_parts', 'ModelSpec', 'StudySpec', 'model_row', 'model_train_overrides', 'map_name', 'make_config',
-           'validate_config', 'train_config', 'select_subjects', 'subject_volumes', 'uses_mm', 'accumulate_maps',
-           'threshold_protocols', 'evaluate_maps', 'protocol_rows', 'protocols_record', 'score_slices',
-           'write_split_csv', 'environment_info', 'write_maps', 'example_slices', 'slices_with_subjects',
-           'AugmentedObjective', 'StudyContext', 'study_config_record', 'study_recipe', 'prepare_study',
-           'load_study_data', 'load_extra_slices', 'subject_groups', 'train_study_model', 'evaluate_study_model',
-           'volume_scores', 'subject_score_table', 'scan_grid', 'grid_record', 'common_figures', 'finish_study',
-           'run_study', 'format_summary', 'parameters_cell', 'config_from_parameters', 'phantom_qc_montages']
+__all__ = ['SOURCE_KINDS', 'ROLES', 'EVAL_SPACES', 'THRESHOLD_PROTOCOLS', 'COMPARATOR_PROFILES', 'COMPARATORS', 'DataSource',
+           'parse_source', 'source_kinds', 'source_subjects', 'RunPart', 'DataPart', 'TrainPart', 'EvalPart',
+           'field_docs', 'compose_config', 'config_parts', 'ModelSpec', 'StudySpec', 'model_row',
+           'model_train_overrides', 'map_name', 'make_config', 'validate_config', 'train_config', 'select_subjects',
+           'subject_volumes', 'uses_mm', 'accumulate_maps', 'threshold_protocols', 'evaluate_maps', 'protocol_rows',
+           'protocols_record', 'score_slices', 'write_split_csv', 'environment_info', 'write_maps', 'example_slices',
+           'slices_with_subjects', 'AugmentedObjective', 'comparator_profile', 'comparator_kwargs', 'comparator_row',
+           'comparator_spec', 'comparator_specs', 'StudyContext', 'study_config_record', 'study_recipe',
+           'prepare_study', 'load_study_data', 'load_extra_slices', 'subject_groups', 'train_study_model',
+           'evaluate_study_model', 'volume_scores', 'subject_score_table', 'scan_grid', 'grid_record',
+           'inference_cost_table', 'common_figures', 'finish_study', 'run_study', 'format_summary', 'parameters_cell',
+           'config_from_parameters', 'phantom_qc_montages']
 
 # %% ../nbs/13_study.ipynb #e98ed991
 SOURCE_KINDS = ("phantom", "benchmark", *[k for k in DATASETS])
@@ -562,6 +570,66 @@ class AugmentedObjective(Objective):
     def state_dict(self): return self.inner.state_dict()
     def load_state_dict(self, state): self.inner.load_state_dict(state)
 
+# %% ../nbs/13_study.ipynb #c0a1b2c9
+COMPARATOR_PROFILES = tuple(ANODDPM_PROFILES)          # size profiles every comparator factory knows: smoke, cpu, paper
+COMPARATORS = {  # name -> (the paper's row name, factory: profile -> ModelSpec keyword arguments)
+    "anoddpm": ("AnoDDPM", lambda p: anoddpm_spec(p)),
+    "fanogan": ("f-AnoGAN", lambda p: fanogan_spec(p, train_fn=train_model, train_config=train_config)),
+    "restoration-vae": ("VAE (restoration)", lambda p: restoration_spec("vae", p)),
+    "restoration-gmvae": ("GMVAE (You et al.)", lambda p: restoration_spec("gmvae", p)),
+    "cevae": ("Context VAE", lambda p: cevae_spec(p)),
+    "ascnet": ("ASC-Net", lambda p: ascnet_spec(p, train_fn=train_model, train_config=train_config)),
+}
+_STAGED = {"fanogan": "encoder"}   # comparators whose `fit` keeps the evaluated weights in a sub-folder of the model's folder
+
+def comparator_profile(cfg) -> str:
+    "The size profile of the comparators under `cfg`: its `comparator_profile` field when set, else its `profile`."
+    p = getattr(cfg, "comparator_profile", "") or cfg.profile
+    if p not in COMPARATOR_PROFILES:
+        raise UADInputError(f"the comparators have the size profiles {list(COMPARATOR_PROFILES)}: set comparator_profile "
+                            f"for a run of profile {cfg.profile!r}", p)
+    return p
+
+@lru_cache(maxsize=None)
+def _kwargs(name: str, profile: str) -> dict:
+    return COMPARATORS[name][1](profile)
+
+def comparator_kwargs(name: str, cfg) -> dict:
+    "The factory's ModelSpec keyword arguments of comparator `name` at the profile of `cfg`."
+    if name not in COMPARATORS: raise UADInputError(f"comparators are {list(COMPARATORS)}", name)
+    return _kwargs(name, comparator_profile(cfg))
+
+# %% ../nbs/13_study.ipynb #c0a1b2cc
+def _load_staged(name: str):
+    sub = _STAGED[name]
+    def load(model, ckpt_dir) -> None:
+        load_evaluated(model, Path(ckpt_dir) / sub)
+    return load
+
+def comparator_row(name: str, cfg) -> dict:
+    "The extra result columns of comparator `name`: paper row, family, size profile (and ASC-Net's training data)."
+    kw = comparator_kwargs(name, cfg)
+    row = kw["row"](cfg) if callable(kw["row"]) else dict(kw["row"])
+    return {"paper_row": COMPARATORS[name][0], **row, "comparator_profile": comparator_profile(cfg)}
+
+def comparator_spec(name: str, **over) -> ModelSpec:
+    "The study kit's `ModelSpec` of comparator `name` (COMPARATORS), every hook at the config's size profile; `over`: ModelSpec fields."
+    if name not in COMPARATORS: raise UADInputError(f"comparators are {list(COMPARATORS)}", name)
+    kw = lambda cfg: comparator_kwargs(name, cfg)
+    fit = None
+    if "fit" in _kwargs(name, COMPARATOR_PROFILES[0]):
+        fit = lambda model, sets, cfg, ckpt_dir, resume, progress: kw(cfg)["fit"](model, sets, cfg, ckpt_dir, resume, progress)
+    return ModelSpec(**{"build": lambda cfg: kw(cfg)["build"](cfg), "objective": lambda cfg: kw(cfg)["objective"](cfg),
+                        "describe": lambda cfg: {"comparator": name, "paper_row": COMPARATORS[name][0],
+                                                 "comparator_profile": comparator_profile(cfg), **kw(cfg)["describe"](cfg)},
+                        "row": lambda cfg: comparator_row(name, cfg), "fit": fit,
+                        "load": _load_staged(name) if name in _STAGED else None,
+                        "anomaly_map": lambda cfg: "absolute", **over})
+
+def comparator_specs(names=tuple(COMPARATORS)) -> dict:
+    "{name: comparator_spec(name)} for the comparators a chapter offers."
+    return {n: comparator_spec(n) for n in names}
+
 # %% ../nbs/13_study.ipynb #038bf535
 @dataclass
 class StudyContext:
@@ -695,7 +763,8 @@ def evaluate_study_model(ctx: StudyContext, name: str) -> list[dict]:
     kw, mname = ms.map_kwargs(cfg), map_name(ms, cfg)
     score = lambda k, **a: score_slices(model, ctx.sets[k].slices, mname, str(ctx.device), **a, **kw)
     with ctx.timer(f"evaluate_{name}"):
-        x_hat, maps = score("test", progress=ctx.progress, desc=f"reconstruct {name}")
+        with ctx.timer(f"score_test_{name}"):             # the model's inference on the test slices alone: inference_cost_table
+            x_hat, maps = score("test", progress=ctx.progress, desc=f"reconstruct {name}")
         healthy = (ctx.sets["val"], score("val")[1])
         val = (ctx.sets["val_anomalous"], score("val_anomalous")[1]) if "val_anomalous" in ctx.sets else None
         out.update(x_hat=x_hat, maps=maps, ev={}, fidelity=reconstruction_fidelity(
@@ -756,6 +825,18 @@ def grid_record(subjects: list, modality: str) -> dict:
                 f"{key}_max": a.max(0).round(4).tolist()}
     return rec
 
+def inference_cost_table(ctx: StudyContext) -> pd.DataFrame:
+    "Per scored model: the wall-clock time of its maps of the test slices (reconstruction and map, no post-processing), per volume and per slice."
+    ss, rows = ctx.sets["test"], []
+    n_vol, n_sl = len(ss.subjects), len(ss)
+    for m in ctx.outputs:
+        t = ctx.timer.times.get(f"score_test_{m}")
+        if t is None: continue
+        rows.append({"model": m, "device": str(ctx.device), "threads": torch.get_num_threads(), "test_volumes": n_vol,
+                     "slices_per_volume": n_sl / max(n_vol, 1), "seconds": t, "s_per_volume": t / max(n_vol, 1),
+                     "slices_per_s": n_sl / t if t > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
 # %% ../nbs/13_study.ipynb #b037a8c8
 def common_figures(ctx: StudyContext) -> list[Path]:
     "PR curves, example panels per model and training curves; returns their paths."
@@ -779,7 +860,7 @@ def common_figures(ctx: StudyContext) -> list[Path]:
 
 # %% ../nbs/13_study.ipynb #5ba00ad3
 def finish_study(ctx: StudyContext, t0: float) -> dict:
-    "Write metrics.json, metrics.csv, subject_scores.csv, healthy_scores.csv, the paper tables and the figures; returns the run's result."
+    "Write metrics.json, metrics.csv, subject_scores.csv, healthy_scores.csv, inference_cost.csv, the paper tables and the figures; returns the run's result."
     cfg, spec, out, info = ctx.cfg, ctx.spec, ctx.out, ctx.data["info"]
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "dice_per_subject"} for r in ctx.results])
     if len(table):
@@ -788,8 +869,8 @@ def finish_study(ctx: StudyContext, t0: float) -> dict:
     ctx_kw = {"ctx": ctx} if spec.tables and "ctx" in inspect.signature(spec.tables).parameters else {}
     tables = spec.tables(table, cfg, **ctx_kw) if spec.tables and len(table) else {}
     figs = common_figures(ctx) + (spec.figures(ctx) if spec.figures else [])
-    for fname, df in {"metrics": table, "subject_scores": subject_score_table(ctx),
-                      "healthy_scores": subject_score_table(ctx, "val"), **tables}.items():
+    for fname, df in {"metrics": table, "subject_scores": subject_score_table(ctx), "healthy_scores": subject_score_table(ctx, "val"),
+                      "inference_cost": inference_cost_table(ctx), **tables}.items():
         with atomic_path(out / f"{fname}.csv") as tmp: round_table(df).to_csv(tmp, index=False)
     n = {f"n_{k}_subjects": len(ctx.data[k]) for k in ROLES if k in ctx.data}
     summary = {"study": spec.name, "profile": cfg.profile, "data": {**info, **n, **{f"n_{k}_slices": len(s) for k, s in ctx.sets.items()},
@@ -836,7 +917,7 @@ def format_summary(r: dict) -> str:
     if len(t):
         cols = [c for c in r["context"].spec.summary_columns if c in t]
         lines.append(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    lines += [f"\nrun folder: {r['out_dir']}", "  config.json, metrics.json, metrics.csv, subject_scores.csv, healthy_scores.csv, split.csv"
+    lines += [f"\nrun folder: {r['out_dir']}", "  config.json, metrics.json, metrics.csv, subject_scores.csv, healthy_scores.csv, inference_cost.csv, split.csv"
               + "".join(f", {k}.csv" for k in r["tables"]), "  maps/<model>/<subject>_anomaly.nii.gz",
               "  figures/: " + ", ".join(sorted({Path(p).name for p in s["figures"]})),
               "  models/<model>/last.pt, train_log.csv", f"time: {s['timings_s']['total']:.0f} s"]

@@ -6,7 +6,7 @@ Docs: https://uad-study.github.io/uad_study/study_ssae.html.md"""
 
 # %% ../nbs/13e_study_ssae.ipynb #d41bd11b
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,13 @@ from .scores import level_outputs, scale_space_aggregate, scale_space_map
 from .metrics import evaluate_protocol
 from .figures import new_figure, save_figure
 from .study import (SOURCE_KINDS, DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, accumulate_maps,
-                             compose_config, make_config, parse_source, run_study, source_kinds, source_subjects, study_recipe,
-                             threshold_protocols, train_config, write_maps)
+                             COMPARATORS as COMPARATOR_ROWS, comparator_row, comparator_specs, compose_config, make_config, map_name, parse_source, run_study, score_slices, source_kinds,
+                             source_subjects, study_recipe, threshold_protocols, train_config, write_maps)
 
 # %% auto #0
-__all__ = ['VARIANTS', 'LOWER', 'PAPER_NAMES', 'MODEL_SPECS', 'SSAEStudyConfig', 'PROFILES', 'SMALL', 'LARGE', 'MODELS',
-           'PAPER_DATA', 'COMPARATORS', 'SPEC', 'MultiResolutionAE', 'pyramid_images', 'fit_plain_levels', 'fit_ssae',
-           'load_plain_levels', 'load_ssae', 'base_model', 'model_levels', 'entry_level', 'scale_label',
+__all__ = ['VARIANTS', 'LOWER', 'PAPER_NAMES', 'MODEL_SPECS', 'SSAE_COMPARATORS', 'SSAEStudyConfig', 'PROFILES', 'SMALL', 'LARGE',
+           'MODELS', 'PAPER_DATA', 'SPEC', 'MultiResolutionAE', 'pyramid_images', 'fit_plain_levels', 'fit_ssae',
+           'load_plain_levels', 'load_ssae', 'trained_at_r', 'base_model', 'model_levels', 'entry_level', 'scale_label',
            'SSAEModelPart', 'lesion_names', 'extra_test_source', 'study_model', 'study_objective', 'model_columns',
            'describe_model', 'subject_groups', 'set_rows', 'load_extra_test', 'evaluate_ssae_model', 'per_set_table',
            'paper_rows', 'wide_rows', 'table1', 'table2', 'complexity_table', 'paper_claims', 'compare_tables',
@@ -121,6 +121,12 @@ for _kind, _pair in VARIANTS.items():
     for _fam, (_b, _) in zip(("ae", "ssae"), _pair):
         MODEL_SPECS |= {_b: (_fam, _kind, None), **{f"{_b}-{r}": (_fam, _kind, r) for r in LOWER}, f"{_b}-aggr": (_fam, _kind, "aggr")}
 
+SSAE_COMPARATORS = ("fanogan", "cevae", "restoration-gmvae")   # Table 1's other methods (uad_study.comparators)
+
+def trained_at_r(name: str) -> bool:
+    "A model trained and scored at R: a base entry of MODEL_SPECS or a comparator (not a scale or aggregate entry)."
+    return name not in MODEL_SPECS or MODEL_SPECS[name][2] is None
+
 def base_model(name: str) -> str:
     "The trained model whose weights grid entry `name` uses (itself for a base name)."
     fam, kind, scale = MODEL_SPECS[name]
@@ -149,7 +155,7 @@ def scale_label(name: str, cfg) -> str:
 @dataclass
 class SSAEModelPart:
     "The scale-space chapter's own settings."
-    models: tuple = ("ae-dense", "ae-dense-64", "ae-dense-aggr", "ssae-dense", "ssae-dense-64", "ssae-dense-aggr")  # grid entries (MODEL_SPECS): BASE trains at R, BASE-r scores level r px, BASE-aggr eq. 6
+    models: tuple = ("ae-dense", "ae-dense-64", "ae-dense-aggr", "ssae-dense", "ssae-dense-64", "ssae-dense-aggr")  # grid entries (MODEL_SPECS): BASE trains at R, BASE-r scores level r px, BASE-aggr eq. 6; comparators fanogan, cevae, restoration-gmvae
     levels: int = 3                    # SSAE: K blur-and-halve steps, networks M_0..M_K (the paper: 3)
     ae_levels: int = 2                 # plain models: one network per resolution R/2**k for k from 0 to ae_levels (the paper's 256, 128, 64 px: 2)
     match: str = "params"              # SSAE widths: params (total parameters of the plain model, the paper's *) or none (plain widths per level)
@@ -169,7 +175,7 @@ _PAPER_MODELS = tuple(m for b, _ in PAPER_NAMES.items() for m in (b, f"{b}-128",
 PROFILES = {k: {**_BASE, **v} for k, v in {
     "smoke": dict(train="benchmark:smoke", test="benchmark:smoke:ms+glioma", recipe="scale-space-64-v1", resolution=64,
                   levels=2, ae_levels=1, epochs=3, n_example_subjects=1,
-                  models=("ae-dense", "ae-dense-32", "ae-dense-aggr", "ssae-dense", "ssae-dense-32", "ssae-dense-aggr")),
+                  models=("ae-dense", "ae-dense-32", "ae-dense-aggr", "ssae-dense", "ssae-dense-32", "ssae-dense-aggr") + SSAE_COMPARATORS),
     "cpu": dict(train="benchmark:standard", test="benchmark:standard:ms+glioma", recipe="scale-space-128-v1", resolution=128,
                 levels=2, ae_levels=1, n_train_subjects=12, n_val_subjects=2, epochs=20, extra_test="mslub:../shared/realdata/mslub",
                 models=("ae-dense", "ae-dense-64", "ae-dense-aggr", "ssae-dense", "ssae-dense-64", "ssae-dense-32", "ssae-dense-aggr")),
@@ -237,6 +243,8 @@ def study_objective(name: str, cfg):
 
 def model_columns(name: str, cfg) -> dict:
     "The result columns of an entry: family, variant, the paper's row name, scale (px or 'aggr'), level."
+    if name not in MODEL_SPECS:                     # a comparator: one map at R
+        return {"family": name, "variant": "", "approach": COMPARATOR_ROWS[name][0], "scale": str(cfg.resolution), "level": 0}
     fam, kind, _ = MODEL_SPECS[name]
     return {"family": fam, "variant": kind, "approach": PAPER_NAMES[base_model(name)], "scale": scale_label(name, cfg),
             "level": entry_level(name, cfg)}
@@ -261,6 +269,8 @@ MODELS = {m: ModelSpec(build=lambda cfg, m=m: study_model(m, cfg), objective=lam
                        weights_of="" if s is None else base_model(m), anomaly_map=lambda cfg: "scale_space",
                        map_kwargs=lambda cfg, m=m: {"level": entry_level(m, cfg), "kind": cfg.anomaly_map})
           for m, (f, k, s) in MODEL_SPECS.items()}
+MODELS |= {m: replace(s, row=lambda cfg, m=m: comparator_row(m, cfg) | model_columns(m, cfg))   # + scale, level, approach
+           for m, s in comparator_specs(SSAE_COMPARATORS).items()}
 
 # %% ../nbs/13e_study_ssae.ipynb #eaa73ba6
 def subject_groups(subjects: list, records: list[dict]) -> list[str]:
@@ -305,7 +315,8 @@ def load_extra_test(ctx):
 def evaluate_ssae_model(ctx, name: str) -> None:
     "Per-dataset rows of entry `name` on the test set and on the extra test set, into ctx.outputs[name]['ssae']."
     cfg, out, ms = ctx.cfg, ctx.outputs[name], ctx.spec.models[name]
-    score = lambda ss: scale_space_map(ss.slices, None, model=ctx.models[name], **ms.map_kwargs(cfg))   # maps only: no reconstruction pass
+    if name in MODEL_SPECS: score = lambda ss: scale_space_map(ss.slices, None, model=ctx.models[name], **ms.map_kwargs(cfg))   # maps only
+    else: score = lambda ss: score_slices(ctx.models[name], ss.slices, map_name(ms, cfg), str(ctx.device), **ms.map_kwargs(cfg))[1]
     healthy, protos = (ctx.sets["val"], score(ctx.sets["val"])), threshold_protocols(cfg)
     groups = subject_groups(ctx.data["test"], ctx.sets["test"].subjects)
     rows_of = lambda ss, maps, g: [r for pp in cfg.postprocess for r in set_rows(ss, maps, g, pp, protos, healthy, cfg.space)]
@@ -321,7 +332,6 @@ def evaluate_ssae_model(ctx, name: str) -> None:
 # %% ../nbs/13e_study_ssae.ipynb #d6e1c6ee
 PAPER_DATA = ("paper: 100 healthy FLAIR (Philips 3T) for training; D_MS 49 MS (same scanner), D_GB 26 glioblastoma, "
               "D_MSLUB 30 MS (Siemens); SRI24, 98th percentile")
-COMPARATORS = ("f-AnoGAN", "Context VAE", "GMVAE (You et al.)")
 
 def _ours(ctx) -> dict:
     c = ctx.cfg
@@ -337,7 +347,7 @@ def per_set_table(ctx, key: str = "sets") -> pd.DataFrame:
 def paper_rows(table: int) -> list[dict]:
     "The paper's Table 1 or 2 as rows (source, status, protocol) in our layout."
     t = paper_table(f"scale-space_table{table}").drop(columns=["paper", "table"])
-    return [{"source": PAPER_DATA, "status": "not run here (the paper's numbers only)" if r["approach"] in COMPARATORS else "paper",
+    return [{"source": PAPER_DATA, "status": "paper",
              "approach": r["approach"], "resolution": str(r.get("resolution", 128)), "protocol": "test_best (the paper's optimal DICE)",
              **r.drop(["approach", "resolution"], errors="ignore").to_dict()} for _, r in t.iterrows()]
 
@@ -354,17 +364,17 @@ def wide_rows(ps: pd.DataFrame, postprocess: str) -> list[dict]:
 # %% ../nbs/13e_study_ssae.ipynb #7830d58b
 def table1(ctx, ps: pd.DataFrame) -> pd.DataFrame:
     "Table 1: the paper's rows (comparators marked not run), then our base entries at R."
-    ours = [r for r in wide_rows(ps, ctx.cfg.postprocess[-1]) if MODEL_SPECS[r["run_model"]][2] is None]
+    ours = [r for r in wide_rows(ps, ctx.cfg.postprocess[-1]) if trained_at_r(r["run_model"])]
     return pd.DataFrame(paper_rows(1) + [{**_ours(ctx), **r} for r in ours])
 
 def table2(ctx, ps: pd.DataFrame) -> pd.DataFrame:
-    "Table 2: the paper's rows, then every entry of this run (each resolution and the aggregate)."
-    return pd.DataFrame(paper_rows(2) + [{**_ours(ctx), **r} for r in wide_rows(ps, ctx.cfg.postprocess[-1])])
+    "Table 2: the paper's rows, then every entry of this run (each resolution and the aggregate; comparators are Table 1's)."
+    return pd.DataFrame(paper_rows(2) + [{**_ours(ctx), **r} for r in wide_rows(ps, ctx.cfg.postprocess[-1]) if r["run_model"] in MODEL_SPECS])
 
 def complexity_table(cfg) -> pd.DataFrame:
     "Trainable parameters of each trained model (the paper's `*`): the plain model at R and its SSAE counterpart."
     rows = []
-    for m in [m for m in cfg.models if MODEL_SPECS[m][2] is None]:
+    for m in [m for m in cfg.models if m in MODEL_SPECS and MODEL_SPECS[m][2] is None]:
         d = describe_model(m, cfg)
         rows.append({"run_model": m, "approach": d["approach"], "levels": d["levels"], "resolutions_px": " ".join(map(str, d["resolutions_px"])),
                      "parameters": d.get("ssae", sum(d.get("per_level", []))), "plain_at_R": d["plain"],
@@ -385,7 +395,8 @@ def paper_claims(ps: pd.DataFrame, resolution: int, postprocess: str) -> pd.Data
     "The four claims per variant and dataset (see above) from the long per-set table of a run at `resolution`."
     rows, R = [], str(resolution)
     if not len(ps): return pd.DataFrame(rows)
-    p = ps[(ps["postprocess"] == postprocess) & (ps["protocol"] == ps["protocol"].iloc[0]) & (ps["dataset"] != "")]
+    p = ps[(ps["postprocess"] == postprocess) & (ps["protocol"] == ps["protocol"].iloc[0]) & (ps["dataset"] != "")
+           & ps["family"].isin(("ae", "ssae"))]
     for v, dv in p.groupby("variant", sort=False):
         gain = {}
         for ds, d in dv.groupby("dataset", sort=False):
@@ -420,7 +431,7 @@ def level_errors(model: nn.Module, slices, batch_size: int = 32) -> np.ndarray:
 
 def fig3_errors(ctx) -> Path | None:
     "Fig. 3: box plots of each trained model's per-slice L1 error on the healthy validation slices, per resolution."
-    ms = [m for m in ctx.outputs if MODEL_SPECS[m][2] is None]
+    ms = [m for m in ctx.outputs if m in MODEL_SPECS and MODEL_SPECS[m][2] is None]
     if not ms: return None
     R, df = ctx.cfg.resolution, []
     for m in ms:
@@ -458,7 +469,8 @@ def _grid(rows: list[tuple[str, list]], cols: list[str], path: Path, title: str)
 
 def fig2_reconstructions(ctx) -> list[Path]:
     "Fig. 2 per lesion group: input, ground truth, each level's reconstruction and the maps at R and aggregated, per trained model."
-    ss, ms, R = ctx.sets["test"], [m for m in ctx.outputs if MODEL_SPECS[m][2] is None], ctx.cfg.resolution
+    ss, ms, R = ctx.sets["test"], [m for m in ctx.outputs if m in MODEL_SPECS and MODEL_SPECS[m][2] is None], ctx.cfg.resolution
+    if not ms: return []
     groups, figs = ctx.outputs[ms[0]]["ssae"]["groups"], []
     L = max(model_levels(m, ctx.cfg) for m in ms)
     cols = ["input", "ground truth"] + [f"{R >> k} px" for k in range(L + 1)] + [f"map {R} px", "map aggr"]

@@ -21,13 +21,13 @@ from .models.trivae import (LOSS_VARIANTS, TriVAE, TriVAEObjective, ablation_con
 from .models.dae import DenoisingObjective, UNet, UNetConfig
 from .figures import save_figure
 from .study import (DataPart, EvalPart, ModelSpec, RunPart, StudySpec, TrainPart, compose_config, example_slices,
-                             make_config, parse_source, source_kinds, run_study, slices_with_subjects)
+                             comparator_specs, make_config, parse_source, source_kinds, run_study, slices_with_subjects)
 
 # %% auto #0
-__all__ = ['MODEL_SPECS', 'TABLE1', 'TABLE2', 'TriVAEStudyConfig', 'PROFILES', 'MODELS', 'PAPER_DATA', 'SPEC', 'loss_variant_of',
-           'TriVAEModelPart', 'study_model', 'study_objective', 'describe_model', 'paper_tables', 'compare_tables',
-           'plot_segmentations', 'plot_feature_maps', 'tsne_codes', 'plot_tsne', 'trivae_figures', 'trivae_config',
-           'run_trivae_study']
+__all__ = ['MODEL_SPECS', 'COMPARATOR_MODELS', 'TABLE1', 'TABLE2', 'TriVAEStudyConfig', 'PROFILES', 'MODELS', 'PAPER_DATA',
+           'SPEC', 'loss_variant_of', 'TriVAEModelPart', 'study_model', 'study_objective', 'describe_model',
+           'paper_tables', 'compare_tables', 'plot_segmentations', 'plot_feature_maps', 'tsne_codes', 'plot_tsne',
+           'trivae_figures', 'trivae_config', 'run_trivae_study']
 
 # %% ../nbs/13a_study_trivae.ipynb #db75c55a
 MODEL_SPECS = {  # name -> (family, Table 2 row or None, noise, loss variant: None = the config's trivae_loss)
@@ -42,7 +42,9 @@ MODEL_SPECS = {  # name -> (family, Table 2 row or None, noise, loss variant: No
     "dae-coarse": ("dae", None, "coarse", None),
     "dae-simplex": ("dae", None, "simplex", None),
 }
-TABLE1 = {"dae-simplex": ("DAE", "simplex"), "trivae-simplex": ("Tri-VAE", "simplex"), "dae-coarse": ("DAE", "coarse"),
+COMPARATOR_MODELS = ("anoddpm", "restoration-vae", "fanogan", "ascnet")   # Table 1's other methods (uad_study.comparators)
+TABLE1 = {"anoddpm": ("AnoDDPM", ""), "restoration-vae": ("VAE (restoration)", ""), "fanogan": ("f-AnoGAN", ""),
+          "ascnet": ("ASC-Net", ""), "dae-simplex": ("DAE", "simplex"), "trivae-simplex": ("Tri-VAE", "simplex"), "dae-coarse": ("DAE", "coarse"),
           "trivae-coarse": ("Tri-VAE", "coarse"), "vae": ("baseline VAE (eq. 8 as written)", ""),
           "vae-balanced": ("baseline VAE (balanced, ours)", "")}
 TABLE2 = {"vae": "baseline VAE (eq. 8 as written)", "vae-balanced": "baseline VAE (balanced, ours)", "abl-triplet": "+triplet",
@@ -50,6 +52,7 @@ TABLE2 = {"vae": "baseline VAE (eq. 8 as written)", "vae-balanced": "baseline VA
 
 def loss_variant_of(name: str, cfg) -> str | None:
     "The eq. 8 reading a model trains with: its own, or the config's `trivae_loss` (None for the DAE)."
+    if name not in MODEL_SPECS: return None
     family, _, _, variant = MODEL_SPECS[name]
     return None if family == "dae" else variant or cfg.trivae_loss
 
@@ -57,7 +60,7 @@ def loss_variant_of(name: str, cfg) -> str | None:
 @dataclass
 class TriVAEModelPart:
     "The Tri-VAE chapter's own settings."
-    models: tuple = tuple(MODEL_SPECS)     # models to train (vae, vae-balanced, abl-triplet, abl-skips, abl-gcs, abl-coarse-loss, trivae-coarse, trivae-simplex, dae-coarse, dae-simplex)
+    models: tuple = tuple(MODEL_SPECS) + COMPARATOR_MODELS  # models to train (vae, vae-balanced, abl-triplet, abl-skips, abl-gcs, abl-coarse-loss, trivae-coarse, trivae-simplex, dae-coarse, dae-simplex; comparators anoddpm, restoration-vae, fanogan, ascnet)
     trivae_loss: str = "literal"          # eq. 8 reading of the Tri-VAE models other than vae and vae-balanced: literal (as written) or balanced (ours, KL per pixel)
     trivae_channels: tuple = (8, 16, 32, 32, 32)  # Tri-VAE widths of the 5 encoder levels (paper: 64 128 256 512 512)
     embed_dim: int = 64                   # Tri-VAE bottleneck embedding (paper: 512)
@@ -74,8 +77,10 @@ TriVAEStudyConfig = compose_config("TriVAEStudyConfig", {"run": RunPart, "data":
 # %% ../nbs/13a_study_trivae.ipynb #ef16d484
 _BASE = dict(recipe="tri-vae-v1", batch_size=48, lr=1e-3, postprocess=("mask_only", "trivae"))
 PROFILES = {k: {**_BASE, **v} for k, v in {
-    "smoke": dict(train="benchmark:smoke", test="benchmark:smoke:glioma", resolution=32, epochs=2, brain_extraction="given"),
-    "cpu": dict(train="benchmark:standard", test="benchmark:standard:glioma", resolution=64, n_train_subjects=13,
+    "smoke": dict(train="benchmark:smoke", test="benchmark:smoke:glioma", val_anomalous="benchmark:smoke:glioma", resolution=32,
+                  epochs=2, brain_extraction="given"),
+    "cpu": dict(train="benchmark:standard", test="benchmark:standard:glioma", val_anomalous="benchmark:standard:glioma",
+                resolution=64, n_train_subjects=13,
                 models=("vae", "vae-balanced", "dae-coarse", "trivae-coarse", "trivae-simplex"),
                 trivae_channels=(16, 32, 64, 64, 64), embed_dim=128, latent_dim=64, dae_width=16, epochs=12, schedule="cosine",
                 brain_extraction="given", postprocess=("mask_only", "trivae", "trivae_mm")),
@@ -88,8 +93,11 @@ PROFILES = {k: {**_BASE, **v} for k, v in {
 def _validate(cfg) -> None:
     "The chapter's own rules: a Tri-VAE batch holds whole triplets; the paper profile needs real data."
     if cfg.trivae_loss not in LOSS_VARIANTS: raise UADInputError(f"trivae_loss must be one of {list(LOSS_VARIANTS)}", cfg.trivae_loss)
-    if any(MODEL_SPECS[m][0] == "trivae" for m in cfg.models) and cfg.batch_size < 3:
+    if any(m in MODEL_SPECS and MODEL_SPECS[m][0] == "trivae" for m in cfg.models) and cfg.batch_size < 3:
         raise UADInputError("a Tri-VAE batch needs at least 3 slices (anchor, positive, negative)", cfg.batch_size)
+    if "ascnet" in cfg.models and not cfg.val_anomalous:
+        raise UADInputError("ASC-Net trains on unlabelled images that may hold tumours: give val_anomalous (e.g. brats:/data/BraTS2020 "
+                            "subjects outside the test set) or leave ascnet out of models", cfg.val_anomalous)
     if cfg.profile == "paper" and (not cfg.train or not cfg.test or
                                    (source_kinds(parse_source(cfg.train)) | source_kinds(parse_source(cfg.test))) & {"phantom", "benchmark"}):
         raise UADInputError("the paper profile needs real data: --train ixi:/data/IXI-T2-hdbet --test brats:/data/BraTS2020",
@@ -126,7 +134,7 @@ MODELS = {m: ModelSpec(build=lambda cfg, m=m: study_model(m, cfg), objective=lam
                        train_data=slices_with_subjects if f == "trivae" else None,   # triplets of distinct subjects
                        row=lambda cfg, m=m, f=f, r=r, n=n: {"family": f, "table2_row": r or "", "noise": n,
                                                            "loss_variant": loss_variant_of(m, cfg) or ""})
-          for m, (f, r, n, v) in MODEL_SPECS.items()}
+          for m, (f, r, n, v) in MODEL_SPECS.items()} | comparator_specs(COMPARATOR_MODELS)
 
 # %% ../nbs/13a_study_trivae.ipynb #1f412853
 PAPER_DATA = "paper: IXI T2 train (250), BraTS 2020 T2 test (30), 256x256"
@@ -139,7 +147,9 @@ def paper_tables() -> dict:
 def _ours(table: pd.DataFrame, protocol: str) -> list[dict]:
     out = []
     for _, r in table[table["protocol"] == protocol].iterrows():
-        out.append({"model": r["model"], "source": f"uad_study {r['profile']}: {r['data']}, {r['resolution']}x{r['resolution']}",
+        extra = r.get("training_data")
+        extra = f"; {r['model']} also trains on {extra}" if isinstance(extra, str) and extra else ""
+        out.append({"model": r["model"], "source": f"uad_study {r['profile']}: {r['data']}, {r['resolution']}x{r['resolution']}{extra}",
                     "protocol": f"{protocol}, post-processing {r['postprocess']}, {r['space']} voxels",
                     "dice": r["dice"], "auroc": r["auroc"], "auprc": r["auprc"]})
     return out

@@ -173,9 +173,9 @@ class Restoration(nn.Module):
 
 # %% ../../nbs/06l_restoration.ipynb #1247c2be
 RESTORATION_PROFILES = {  # prior sizes and restoration settings per study profile
-    "smoke": dict(channels=(8, 16, 32), latent_dim=16, w_dim=4, n_clusters=6, steps=20, step_size=1e-3, lam=1.8),
-    "cpu": dict(channels=(16, 32, 64, 64), latent_dim=64, w_dim=8, n_clusters=6, steps=150, step_size=1e-3, lam=1.8),
-    "paper": dict(channels=(32, 64, 128, 256), latent_dim=128, w_dim=16, n_clusters=6, steps=150, step_size=1e-3, lam=1.8),
+    "smoke": dict(channels=(8, 16, 32), latent_dim=16, w_dim=4, n_clusters=6, steps=20, step_size=1e-3, lam=1.8, backtrack=False),
+    "cpu": dict(channels=(16, 32, 64, 64), latent_dim=64, w_dim=8, n_clusters=6, steps=150, step_size=1e-3, lam=1.8, backtrack=False),
+    "paper": dict(channels=(32, 64, 128, 256), latent_dim=128, w_dim=16, n_clusters=6, steps=150, step_size=1e-3, lam=1.8, backtrack=False),
 }
 PRIORS = ("vae", "gmvae")
 
@@ -186,7 +186,7 @@ def restoration_model(prior: str, profile: str, resolution: int, **over) -> Rest
     p = {**RESTORATION_PROFILES[profile], **over}
     net = (DenseVAE(resolution, p["channels"], p["latent_dim"]) if prior == "vae" else
            GMVAE(resolution, p["channels"], p["latent_dim"], p["w_dim"], p["n_clusters"]))
-    return Restoration(net, p["steps"], p["step_size"], p["lam"])
+    return Restoration(net, p["steps"], p["step_size"], p["lam"], p.get("backtrack", True))
 
 def restoration_spec(prior: str = "vae", profile: str = "smoke", **over) -> dict:
     "Keyword arguments of `study.ModelSpec` for VAE or GMVAE restoration: build, objective, describe, row."
