@@ -95,13 +95,13 @@ def _validate(cfg) -> None:
     if cfg.trivae_loss not in LOSS_VARIANTS: raise UADInputError(f"trivae_loss must be one of {list(LOSS_VARIANTS)}", cfg.trivae_loss)
     if any(m in MODEL_SPECS and MODEL_SPECS[m][0] == "trivae" for m in cfg.models) and cfg.batch_size < 3:
         raise UADInputError("a Tri-VAE batch needs at least 3 slices (anchor, positive, negative)", cfg.batch_size)
-    if "ascnet" in cfg.models and not cfg.val_anomalous:
-        raise UADInputError("ASC-Net trains on unlabelled images that may hold tumours: give val_anomalous (e.g. brats:/data/BraTS2020 "
-                            "subjects outside the test set) or leave ascnet out of models", cfg.val_anomalous)
     if cfg.profile == "paper" and (not cfg.train or not cfg.test or
                                    (source_kinds(parse_source(cfg.train)) | source_kinds(parse_source(cfg.test))) & {"phantom", "benchmark"}):
         raise UADInputError("the paper profile needs real data: --train ixi:/data/IXI-T2-hdbet --test brats:/data/BraTS2020",
                             (cfg.train, cfg.test))
+    if "ascnet" in cfg.models and not cfg.val_anomalous:
+        raise UADInputError("ASC-Net trains on unlabelled images that may hold tumours: give val_anomalous (e.g. brats:/data/BraTS2020 "
+                            "subjects outside the test set) or leave ascnet out of models", cfg.val_anomalous)
 
 # %% ../nbs/13a_study_trivae.ipynb #3c2c9275
 def _trivae_cfg(name, cfg):
