@@ -123,7 +123,7 @@ def test_smoke_spec_fit_and_protocol(tmp_path):
 def test_bad_inputs():
     with pytest.raises(UADInputError, match="4 \\* 2\\*\\*n"): FAnoGANConfig(in_size=24)
     with pytest.raises(UADInputError, match="FAnoGAN needs images"): FAnoGAN(TINY)(torch.rand(2, 1, 32, 32))
-    with pytest.raises(UADInputError, match="trains an FAnoGAN"): IzifObjective()(nn.Linear(2, 2), torch.rand(2, 1, 16, 16))
+    with pytest.raises(UADInputError, match="needs a model of class FAnoGAN"): IzifObjective()(nn.Linear(2, 2), torch.rand(2, 1, 16, 16))
     with pytest.raises(UADInputError, match="kappa"): FAnoGAN(TINY, kappa=-1)
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import UADInputError
+from .base import unwrap
 from ..objective import Objective
 
 # %% auto #0
@@ -129,10 +130,7 @@ class ASCNetObjective(Objective):
         dis = disjoint_dice(o["cut_normal"], o["cut_anomaly"])
         return self.w[0] * adv + self.w[1] * rec + self.w[2] * dis, {"adv": adv.detach(), "rec": rec.detach(), "disjoint": dis.detach()}
 
-def _ascnet(model) -> ASCNet:
-    m = getattr(model, "module", model)
-    if not isinstance(m, ASCNet): raise UADInputError("this objective trains an ASCNet", type(m).__name__)
-    return m
+def _ascnet(model) -> ASCNet: return unwrap(model, ASCNet)
 
 # %% ../../nbs/06n_ascnet.ipynb #ba44a34a
 def _asc_train_step(self, model, batch, step) -> dict:

@@ -16,7 +16,8 @@ import torch.nn as nn
 from ..core import UADInputError
 
 # %% auto #0
-__all__ = ['NORMS', 'UPSAMPLINGS', 'group_norm', 'norm_layer', 'ConvBlock', 'down_block', 'up_block', 'UADModel', 'check_model']
+__all__ = ['NORMS', 'UPSAMPLINGS', 'group_norm', 'norm_layer', 'ConvBlock', 'down_block', 'up_block', 'UADModel', 'check_model',
+           'unwrap']
 
 # %% ../../nbs/05b_model_base.ipynb #9de91770
 NORMS = ("group", "batch")
@@ -127,3 +128,14 @@ def check_model(model: nn.Module,    # the model to check
         finally:
             model.train(was)
     return {"model": name, "outputs": sorted(out), "recon": tuple(out["recon"].shape), **found}
+
+# %% ../../nbs/05b_model_base.ipynb #a71ebb2b
+def unwrap(model: nn.Module,        # a model, or the DDP wrapper around one
+           cls: type | None = None,   # the class the model must be (None: no check)
+           who: str = "this objective",  # what needs it, for the error
+           ) -> nn.Module:
+    "The model inside a DDP wrapper (`.module`), else the model; with `cls`, refused unless it is one."
+    m = getattr(model, "module", model)
+    if cls is not None and not isinstance(m, cls): raise UADInputError(f"{who} needs a model of class {cls.__name__}", type(m).__name__)
+    return m
+

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import UADInputError, atomic_write_rows
+from .base import unwrap
 from ..objective import Objective
 
 # %% auto #0
@@ -198,10 +199,7 @@ class WGANGPObjective(Objective):
         w = m.critic(x)[0].mean() - m.critic(fake)[0].mean()
         return w, {"wasserstein": w.detach()}
 
-def _fanogan(model) -> FAnoGAN:
-    m = getattr(model, "module", model)
-    if not isinstance(m, FAnoGAN): raise UADInputError("this objective trains an FAnoGAN", type(m).__name__)
-    return m
+def _fanogan(model) -> FAnoGAN: return unwrap(model, FAnoGAN)
 
 # %% ../../nbs/06k_fanogan.ipynb #d3f96c6e
 def _wgan_train_step(self, model, batch, step) -> dict:
