@@ -153,6 +153,8 @@ def benchmark_config(preset: str | BenchmarkConfig = "standard",  # a name from 
     if bad: raise UADInputError("unknown BenchmarkConfig fields", bad)
     return check_benchmark_config(replace(cfg, **overrides))
 
+
+# %% ../nbs/03a_benchmark.ipynb #c98e9cc7
 def check_benchmark_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
     "Raise `UADInputError` naming the field, the rule and the value if `cfg` cannot be generated."
     if not isinstance(cfg, BenchmarkConfig): raise UADInputError("`cfg` must be a BenchmarkConfig", type(cfg).__name__)
@@ -184,6 +186,7 @@ def check_benchmark_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
 def benchmark_dir(cfg: BenchmarkConfig) -> Path:
     "The cache folder of `cfg`: `data_dir()/benchmark/v2-{preset}-seed{seed}-{config_hash}`."
     return data_dir() / "benchmark" / f"v{cfg.version}-{cfg.preset}-seed{cfg.seed}-{config_hash(cfg)}"
+
 
 # %% ../nbs/03a_benchmark.ipynb #77a2146d
 PX_MM = 1.4   # mm per pixel of the seed papers' 128x128 slices (brain of ~180 mm): converts their sizes
@@ -232,6 +235,8 @@ def _scanner(cfg: BenchmarkConfig, rng, site: str, shift: float) -> dict:
                       noise_sd=_r(rng.uniform(*S["noise_sd"]) * (1 + shift)), gain=_r(rng.uniform(0.9, 1.1)))
     return out
 
+
+# %% ../nbs/03a_benchmark.ipynb #cddcd6e8
 def _draw_pathology(cfg: BenchmarkConfig, cls: str, index: int, rng) -> dict:
     "The random parameters of one lesion (or set of lesions) of class `cls`."
     L, u = cfg.lesion_scale, lambda: _r(rng.uniform())
@@ -273,6 +278,8 @@ def _draw_pathology(cfg: BenchmarkConfig, cls: str, index: int, rng) -> dict:
                     percentile=_r(rng.uniform(1, 20) if lo else rng.uniform(80, 99), 4), place=u())
     raise UADInputError(f"class must be one of {PATHOLOGIES}", cls)
 
+
+# %% ../nbs/03a_benchmark.ipynb #a57f4565
 def draw_benchmark_subject(cfg: BenchmarkConfig,  # the benchmark's config
                            cls: str,              # "healthy" or a name from PATHOLOGIES or ARTEFACTS
                            index: int,            # 0-based index within its class
@@ -295,6 +302,7 @@ def draw_benchmark_subject(cfg: BenchmarkConfig,  # the benchmark's config
     p["residue"] = _r(rng.uniform(0.0, 1.0))     # amount of skull-stripping residue (0: clean)
     if cls in ARTEFACTS: p["artefact"] = draw_artefact(cls, rng)   # last: the anatomy draws as a healthy subject's do
     return p
+
 
 # %% ../nbs/03a_benchmark.ipynb #bbe74d9b
 def _pick(cand: np.ndarray, u: float, fallback: np.ndarray | None = None) -> np.ndarray:
@@ -325,6 +333,8 @@ def _soft(r, R_mm, edge_mm):
     "Soft inside-weight of normalised radius `r` for a structure of size `R_mm` with a partial-volume edge."
     return special.expit((1 - r) * (R_mm / edge_mm)).astype(np.float32)
 
+
+# %% ../nbs/03a_benchmark.ipynb #d0b0557c
 def _pathology_tissue(cfg, P: dict, cls: str, A: dict, frng, s: float) -> tuple:
     "Soft weights of the pathological compartments (full sub-grid), a label (uint8) and the resolved geometry."
     shape, m, brain = A["m"].shape, A["m"], A["brain"]
@@ -406,6 +416,8 @@ def _pathology_tissue(cfg, P: dict, cls: str, A: dict, frng, s: float) -> tuple:
     lab[~brain] = 0
     return W, lab, res
 
+
+# %% ../nbs/03a_benchmark.ipynb #6ca4c8e2
 def _synthetic(cfg, P: dict, cls: str, img: dict, brain: np.ndarray, depth: np.ndarray, s: float, lab: np.ndarray) -> dict:
     "Paint the seed papers' synthetic anomalies on the clean images (in place) and `lab`; returns the resolved geometry."
     shape = brain.shape
@@ -457,6 +469,7 @@ def _synthetic(cfg, P: dict, cls: str, img: dict, brain: np.ndarray, depth: np.n
         res = dict(source_vox=src.tolist(), dest_vox=dst.tolist(), size_vox=sz.tolist(), voxels=int(ok.sum()))
     return res
 
+
 # %% ../nbs/03a_benchmark.ipynb #c7e23dbc
 def _params_of(cfg, p: dict, t: str) -> tuple:
     "The subject's (PD, T1, T2) of tissue `t`: jittered; pathological tissues pulled toward WM by `lesion_contrast`."
@@ -478,6 +491,8 @@ def _to_full(o, lo):
         else: out[k] = _to_full(v, lo)
     return out
 
+
+# %% ../nbs/03a_benchmark.ipynb #72a2a07a
 def render_benchmark_subject(cfg: BenchmarkConfig, params: dict) -> dict:
     "Synthesise one subject from its drawn `params`: int16 image per contrast, uint8 `label`, bool `mask`, and `resolved` geometry."
     tpl = bench_templates(float(cfg.spacing_mm))
@@ -568,6 +583,7 @@ def render_benchmark_subject(cfg: BenchmarkConfig, params: dict) -> dict:
         v = np.zeros(sub, np.int16); v[brain] = np.clip(np.rint(val), 1, np.iinfo(np.int16).max)
         out[c] = np.zeros(shape, np.int16); out[c][box] = v
     return out
+
 
 # %% ../nbs/03a_benchmark.ipynb #180f9665
 def _motion_times(rng, n: int, perturbation: float = 0.3) -> list:
@@ -821,6 +837,8 @@ def _tables(cfg: BenchmarkConfig, plan: list, stats: list) -> dict:
             "split.csv": _csv_text([dict(id=s["id"], cls=s["cls"], split=s["split"]) for s in subj], ["id", "cls", "split"]),
             "fastMRI+/brain.csv": _csv_text(fm, ["file", "slice", "study_level", "x", "y", "width", "height", "label", "subject"])}
 
+
+# %% ../nbs/03a_benchmark.ipynb #44d8d780
 def generate_benchmark(cfg: BenchmarkConfig,        # what to generate (see `benchmark_config`)
                        root: Path | None = None,      # where (must not exist); default `benchmark_dir(cfg)`
                        progress: bool = True,         # tqdm bar over subjects
@@ -871,6 +889,8 @@ def _is_complete(root: Path, cfg: BenchmarkConfig) -> bool:
     return (man.get("complete") is True and man.get("config") == json.loads(to_json(cfg))
             and all((Path(root) / f["path"]).is_file() for f in man["files"]))
 
+
+# %% ../nbs/03a_benchmark.ipynb #4c1d96f8
 def verify_benchmark(root: str | Path,       # a benchmark folder
                      raise_on_error: bool = True,  # raise the first mismatch; else return every problem
                      ) -> list:
@@ -920,3 +940,4 @@ def benchmark_subjects(root: str | Path,             # a benchmark folder
             for k in ("class_id", "anomalous", "brain_voxels", "label_voxels"): r[k] = int(r[k])
             out.append(r)
     return out
+

@@ -227,6 +227,8 @@ def _table_counts(t: tuple) -> tuple:
     tp, fp = np.cumsum(t[1][::-1], dtype=np.int64), np.cumsum(t[2][::-1], dtype=np.int64)
     return thr, tp, fp, int(tp[-1]) if tp.size else 0, int(fp[-1]) if fp.size else 0
 
+
+# %% ../nbs/11_metrics.ipynb #fef05949
 class PixelMetricsAccumulator:
     "Pooled voxel-wise AUROC / AUPRC / best DICE over volumes fed one at a time (`update`, `aggregate`, `reset`)."
     def __init__(self, per_volume: bool = False,     # also compute (and keep in `.volumes`) each volume's own metrics

@@ -71,6 +71,8 @@ class PhantomConfig:
 def _range_ok(r, lo=0.0, hi=np.inf):
     return isinstance(r, (tuple, list)) and len(r) == 2 and lo <= r[0] <= r[1] <= hi
 
+
+# %% ../nbs/03_phantom.ipynb #9b1a9136
 def check_config(cfg: PhantomConfig) -> PhantomConfig:
     "Raise `UADInputError` naming the field, the rule and the value if `cfg` cannot be generated."
     if not isinstance(cfg, PhantomConfig): raise UADInputError("`cfg` must be a PhantomConfig", type(cfg).__name__)
@@ -104,6 +106,7 @@ def check_config(cfg: PhantomConfig) -> PhantomConfig:
 def phantom_dir(cfg: PhantomConfig) -> Path:
     "The cache folder of `cfg`'s cohort: `data_dir()/phantom/v{version}-seed{seed}-{config_hash}`."
     return data_dir() / "phantom" / f"v{cfg.version}-seed{cfg.seed}-{config_hash(cfg)}"
+
 
 # %% ../nbs/03_phantom.ipynb #10378950
 def _resample(a: np.ndarray, s: float, shape: tuple) -> np.ndarray:
@@ -267,6 +270,8 @@ def deform_templates(tpl: dict,            # template maps with "shape", "brain_
         maps[t][pts] = ndimage.map_coordinates(tpl[t], coords, order=1, mode="nearest", output=np.float32, prefilter=False)
     return dict(maps=maps, u=u, lo=lo, sub=sub, box=box, pts=pts, coords=coords)
 
+
+# %% ../nbs/03_phantom.ipynb #ffe5a7a7
 def render_subject(cfg: PhantomConfig, params: dict) -> dict:
     "Synthesise one subject from its drawn `params`: int16 image per contrast, bool `mask`, and uint8 `seg` for a tumour."
     tpl = _templates(cfg)
@@ -318,6 +323,7 @@ def render_subject(cfg: PhantomConfig, params: dict) -> dict:
         img = np.zeros(sub, np.int16); img[brain] = np.clip(np.rint(val), 1, np.iinfo(np.int16).max)
         out[c] = np.zeros(shape, np.int16); out[c][box] = img
     return out
+
 
 # %% ../nbs/03_phantom.ipynb #1ddaac4d
 IXI_RE = re.compile(r"IXI/(T1|T2)/(IXI\d{3}-(?:Guys|HH|IOP)-\d{4})-(T1|T2)\.nii\.gz")
@@ -391,6 +397,8 @@ def run_subjects(render_and_write,   # fn(cfg, subject, out) -> stats of one sub
 def _run(cfg: PhantomConfig, plan: list, out: Path, progress: bool, n_jobs: int) -> list:
     return run_subjects(_render_and_write, cfg, plan, out, progress, n_jobs, "phantom subjects")
 
+
+# %% ../nbs/03_phantom.ipynb #6e8257a4
 def _is_complete(root: Path, cfg: PhantomConfig) -> bool:
     f = Path(root) / "generation.json"
     if not f.is_file(): return False
@@ -448,3 +456,4 @@ def phantom_files(root: str | Path) -> dict:
     for sub in gen["subjects"]:
         out[sub["kind"]].append(dict(id=sub["id"], **{k: Path(root) / v for k, v in sub["files"].items()}))
     return out
+
