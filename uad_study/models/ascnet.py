@@ -111,11 +111,13 @@ def disjoint_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-16, smooth: 
 
 # %% ../../nbs/06n_ascnet.ipynb #de49e9c4
 class ASCNetObjective(Objective):
-    "ASC-Net: per batch a discriminator step (reference -1, cut +1, MAE) then a generator step (adversarial MAE + MSE + Dice)."
+    "ASC-Net: per batch a discriminator step (healthy -1, cut of the input +1, MAE) then a generator step (adversarial MAE + MSE + Dice)."
     def __init__(self, adv_weight: float = 1.0, rec_weight: float = 1.0, disjoint_weight: float = 1.0,
-                 betas: tuple = (0.9, 0.999)):      # Adam betas (Keras defaults)
+                 betas: tuple = (0.9, 0.999),       # Adam betas (Keras defaults)
+                 reference_cuts: bool = True,       # healthy set = reference images and their cuts I_n (the authors' code); False: the images only
+                 ):
         if min(adv_weight, rec_weight, disjoint_weight) < 0: raise UADInputError("loss weights must be >= 0", (adv_weight, rec_weight, disjoint_weight))
-        self.w, self.betas = (adv_weight, rec_weight, disjoint_weight), tuple(betas)
+        self.w, self.betas, self.reference_cuts = (adv_weight, rec_weight, disjoint_weight), tuple(betas), bool(reference_cuts)
 
     def optimizers(self, model, cfg) -> dict:
         m = _ascnet(model)
@@ -134,21 +136,24 @@ def _ascnet(model) -> ASCNet: return unwrap(model, ASCNet)
 
 # %% ../../nbs/06n_ascnet.ipynb #ba44a34a
 def _asc_train_step(self, model, batch, step) -> dict:
-    "Discriminator step on (reference, cut of the input), then generator step with the discriminator frozen."
+    "Discriminator step (healthy: the reference and, with reference_cuts, its cut I_n; fake: the input's cut), then the generator step, D frozen."
     if step.world_size > 1: raise UADInputError("ASCNetObjective does not run under DDP yet", step.world_size)
     if "reference" not in batch: raise UADInputError("ASC-Net batches need 'reference' (healthy) beside 'image' (unknown)", sorted(batch))
     m, x, r = _ascnet(model), batch["image"], batch["reference"]
     with step.autocast():
-        with torch.no_grad(): cut = m(x)["cut_normal"]
+        with torch.no_grad(): cut, ref_cut = m(x)["cut_normal"], (m(r)["cut_normal"] if self.reference_cuts else None)
         d_ref, d_cut = m.discriminator(r), m.discriminator(cut)
-        ld = 0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean())
+        real = (d_ref + 1).abs().mean()
+        if ref_cut is not None: d_ref_cut = m.discriminator(ref_cut); real = 0.5 * (real + (d_ref_cut + 1).abs().mean())
+        ld = 0.5 * (real + (d_cut - 1).abs().mean())
     step.optimise("discriminator", ld)
     m.discriminator.requires_grad_(False)
     try:
         with step.autocast(): lg, parts = self.loss(model, batch)
         step.optimise("generator", lg)
     finally: m.discriminator.requires_grad_(True)
-    return {**parts, "d_loss": ld.detach(), "d_ref": d_ref.detach().mean(), "d_cut": d_cut.detach().mean(), "loss": lg.detach()}
+    extra = {"d_ref_cut": d_ref_cut.detach().mean()} if ref_cut is not None else {}
+    return {**parts, "d_loss": ld.detach(), "d_ref": d_ref.detach().mean(), "d_cut": d_cut.detach().mean(), **extra, "loss": lg.detach()}
 
 ASCNetObjective.train_step = _asc_train_step
 
