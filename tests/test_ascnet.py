@@ -44,8 +44,9 @@ def test_step_labels_and_frozen_discriminator():
     (n1, ld, t1), (n2, lg, t2) = st.seen
     assert (n1, n2) == ("discriminator", "generator") and t1 and not t2                  # D frozen during the G step
     # the healthy set (-1) is the reference images and the generator's cut of them (the authors' code), the input's cut +1
-    real = 0.5 * ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean())
-    assert ld == pytest.approx(0.5 * (real + (d_cut - 1).abs().mean()).item(), rel=1e-5)
+    # three groups of equal weight (the references' cuts balance the input's cuts 1:1; per-image weighting made it 1:2)
+    want_d = ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()) / 3
+    assert ld == pytest.approx(want_d.item(), rel=1e-5)
     assert out["d_ref_cut"].item() == pytest.approx(d_ref_cut.mean().item(), rel=1e-5)
     st0 = _Step(m); out0 = ASCNetObjective(reference_cuts=False).train_step(m, {"image": x, "reference": r}, st0)
     assert st0.seen[0][1] == pytest.approx(0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean()).item(), rel=1e-5)

@@ -143,9 +143,10 @@ def _asc_train_step(self, model, batch, step) -> dict:
     with step.autocast():
         with torch.no_grad(): cut, ref_cut = m(x)["cut_normal"], (m(r)["cut_normal"] if self.reference_cuts else None)
         d_ref, d_cut = m.discriminator(r), m.discriminator(cut)
-        real = (d_ref + 1).abs().mean()
-        if ref_cut is not None: d_ref_cut = m.discriminator(ref_cut); real = 0.5 * (real + (d_ref_cut + 1).abs().mean())
-        ld = 0.5 * (real + (d_cut - 1).abs().mean())
+        if ref_cut is None: ld = 0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean())
+        else:   # three groups of equal weight: the references' cuts balance the input's cuts one to one
+            d_ref_cut = m.discriminator(ref_cut)
+            ld = ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()) / 3
     step.optimise("discriminator", ld)
     m.discriminator.requires_grad_(False)
     try:
