@@ -1,5 +1,5 @@
 """ASC-Net (Dey & Hong 2021): the disjointness Dice by hand (zeros counted as 1, as the paper's code), the label convention
-of both steps (reference images and their cuts -1, the input's cut +1; the generator pushes its cut to -1) with the discriminator frozen in the generator
+of both steps (the healthy set -1 in each of its three readings, the input's cut +1; the generator pushes its cut to -1) with the discriminator frozen in the generator
 step, the data pairing (every unknown slice kept, the reference cycled in a seeded order), the study-kit fit on the
 `val_anomalous` role (and its refusal without one), one engine epoch, the model protocol and both map sources."""
 import contextlib
@@ -43,14 +43,15 @@ def test_step_labels_and_frozen_discriminator():
     st = _Step(m); out = ASCNetObjective().train_step(m, {"image": x, "reference": r}, st)
     (n1, ld, t1), (n2, lg, t2) = st.seen
     assert (n1, n2) == ("discriminator", "generator") and t1 and not t2                  # D frozen during the G step
-    # the healthy set (-1) is the reference images and the generator's cut of them (the authors' code), the input's cut +1
-    # three groups of equal weight (the references' cuts balance the input's cuts 1:1; per-image weighting made it 1:2)
-    want_d = ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()) / 3
-    assert ld == pytest.approx(want_d.item(), rel=1e-5)
-    assert out["d_ref_cut"].item() == pytest.approx(d_ref_cut.mean().item(), rel=1e-5)
-    st0 = _Step(m); out0 = ASCNetObjective(reference_cuts=False).train_step(m, {"image": x, "reference": r}, st0)
-    assert st0.seen[0][1] == pytest.approx(0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean()).item(), rel=1e-5)
-    assert "d_ref_cut" not in out0
+    # default healthy set: the references' cuts alone, one to one with the input's cuts (raw images would give D a texture cue)
+    assert ld == pytest.approx(0.5 * ((d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()).item(), rel=1e-5)
+    assert out["d_ref_cut"].item() == pytest.approx(d_ref_cut.mean().item(), rel=1e-5) and "d_ref" not in out
+    other = {"images": 0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean()),                        # the paper's text
+             "images+cuts": ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()) / 3}
+    for hs, want_d in other.items():
+        st_hs = _Step(m); ASCNetObjective(healthy_set=hs).train_step(m, {"image": x, "reference": r}, st_hs)
+        assert st_hs.seen[0][1] == pytest.approx(want_d.item(), rel=1e-5), hs
+    with pytest.raises(UADInputError, match="healthy_set"): ASCNetObjective(healthy_set="reference")
     want = (d_cut + 1).abs().mean() + (o["recon"] - x).square().mean() + disjoint_dice(o["cut_normal"], o["cut_anomaly"])
     assert lg == pytest.approx(want.item(), rel=1e-5)                                    # the generator's cut aims at -1
     assert all(p.requires_grad for p in m.discriminator.parameters())

@@ -19,8 +19,8 @@ from .base import unwrap
 from ..objective import Objective
 
 # %% auto #0
-__all__ = ['MAP_SOURCES', 'ASCNET_PROFILES', 'Discriminator', 'ASCNet', 'disjoint_dice', 'ASCNetObjective', 'ascnet_data',
-           'ascnet_fit', 'ascnet_spec']
+__all__ = ['MAP_SOURCES', 'HEALTHY_SETS', 'ASCNET_PROFILES', 'Discriminator', 'ASCNet', 'disjoint_dice', 'ASCNetObjective',
+           'ascnet_data', 'ascnet_fit', 'ascnet_spec']
 
 # %% ../../nbs/06n_ascnet.ipynb #4fcd98d9
 def _double(ci: int, co: int) -> nn.Sequential:
@@ -110,14 +110,17 @@ def disjoint_dice(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-16, smooth: 
     return (2 * (a * b).sum() + smooth) / (a.sum() + b.sum() + smooth)
 
 # %% ../../nbs/06n_ascnet.ipynb #de49e9c4
+HEALTHY_SETS = ("images", "images+cuts", "cuts")
+
 class ASCNetObjective(Objective):
     "ASC-Net: per batch a discriminator step (healthy -1, cut of the input +1, MAE) then a generator step (adversarial MAE + MSE + Dice)."
     def __init__(self, adv_weight: float = 1.0, rec_weight: float = 1.0, disjoint_weight: float = 1.0,
                  betas: tuple = (0.9, 0.999),       # Adam betas (Keras defaults)
-                 reference_cuts: bool = True,       # healthy set = reference images and their cuts I_n (the authors' code); False: the images only
+                 healthy_set: str = "cuts",         # D's label -1: "images" (the paper's text), "images+cuts" (the authors' code), "cuts" (I_n(r) only)
                  ):
         if min(adv_weight, rec_weight, disjoint_weight) < 0: raise UADInputError("loss weights must be >= 0", (adv_weight, rec_weight, disjoint_weight))
-        self.w, self.betas, self.reference_cuts = (adv_weight, rec_weight, disjoint_weight), tuple(betas), bool(reference_cuts)
+        if healthy_set not in HEALTHY_SETS: raise UADInputError(f"healthy_set must be one of {HEALTHY_SETS}", healthy_set)
+        self.w, self.betas, self.healthy_set = (adv_weight, rec_weight, disjoint_weight), tuple(betas), healthy_set
 
     def optimizers(self, model, cfg) -> dict:
         m = _ascnet(model)
@@ -136,25 +139,23 @@ def _ascnet(model) -> ASCNet: return unwrap(model, ASCNet)
 
 # %% ../../nbs/06n_ascnet.ipynb #ba44a34a
 def _asc_train_step(self, model, batch, step) -> dict:
-    "Discriminator step (healthy: the reference and, with reference_cuts, its cut I_n; fake: the input's cut), then the generator step, D frozen."
+    "Discriminator step (label -1: the healthy_set groups; +1: the input's cut I_n(x); groups of equal weight), then the generator step, D frozen."
     if step.world_size > 1: raise UADInputError("ASCNetObjective does not run under DDP yet", step.world_size)
     if "reference" not in batch: raise UADInputError("ASC-Net batches need 'reference' (healthy) beside 'image' (unknown)", sorted(batch))
     m, x, r = _ascnet(model), batch["image"], batch["reference"]
     with step.autocast():
-        with torch.no_grad(): cut, ref_cut = m(x)["cut_normal"], (m(r)["cut_normal"] if self.reference_cuts else None)
-        d_ref, d_cut = m.discriminator(r), m.discriminator(cut)
-        if ref_cut is None: ld = 0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean())
-        else:   # three groups of equal weight: the references' cuts balance the input's cuts one to one
-            d_ref_cut = m.discriminator(ref_cut)
-            ld = ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()) / 3
+        with torch.no_grad(): cut, ref_cut = m(x)["cut_normal"], (m(r)["cut_normal"] if "cuts" in self.healthy_set else None)
+        d_cut, seen = m.discriminator(cut), {}
+        if "images" in self.healthy_set: seen["d_ref"] = m.discriminator(r)
+        if ref_cut is not None: seen["d_ref_cut"] = m.discriminator(ref_cut)
+        ld = (sum((d + 1).abs().mean() for d in seen.values()) + (d_cut - 1).abs().mean()) / (len(seen) + 1)
     step.optimise("discriminator", ld)
     m.discriminator.requires_grad_(False)
     try:
         with step.autocast(): lg, parts = self.loss(model, batch)
         step.optimise("generator", lg)
     finally: m.discriminator.requires_grad_(True)
-    extra = {"d_ref_cut": d_ref_cut.detach().mean()} if ref_cut is not None else {}
-    return {**parts, "d_loss": ld.detach(), "d_ref": d_ref.detach().mean(), "d_cut": d_cut.detach().mean(), **extra, "loss": lg.detach()}
+    return {**parts, "d_loss": ld.detach(), **{k: d.detach().mean() for k, d in seen.items()}, "d_cut": d_cut.detach().mean(), "loss": lg.detach()}
 
 ASCNetObjective.train_step = _asc_train_step
 
