@@ -196,7 +196,7 @@ def ascnet_spec(profile: str = "smoke", map_source: str = "cut", unknown_role: s
     data = f"reference: healthy train slices; input: {unknown_role} slices (image-level weak supervision, voxel labels unread)"
     def describe(cfg) -> dict:
         return {"family": "ascnet", **{k: v for k, v in p.items() if k != "fixed"}, "fixed": p["fixed"], "map_source": map_source,
-                "training_data": data, "parameters": sum(t.numel() for t in build(cfg).parameters())}
+                "discriminator_healthy_set": ASCNetObjective().healthy_set, "training_data": data, "parameters": sum(t.numel() for t in build(cfg).parameters())}
     return {"build": build, "objective": lambda cfg: ASCNetObjective(), "describe": describe,
             "fit": ascnet_fit(profile, unknown_role, train_fn=train_fn, train_config=train_config),
             "row": {"family": "ascnet", "paper_model": "ASC-Net (Dey & Hong 2021)", "training_data": data}}
