@@ -43,10 +43,10 @@ def test_step_labels_and_frozen_discriminator():
     st = _Step(m); out = ASCNetObjective().train_step(m, {"image": x, "reference": r}, st)
     (n1, ld, t1), (n2, lg, t2) = st.seen
     assert (n1, n2) == ("discriminator", "generator") and t1 and not t2                  # D frozen during the G step
-    # default healthy set: the references' cuts alone, one to one with the input's cuts (raw images would give D a texture cue)
-    assert ld == pytest.approx(0.5 * ((d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()).item(), rel=1e-5)
-    assert out["d_ref_cut"].item() == pytest.approx(d_ref_cut.mean().item(), rel=1e-5) and "d_ref" not in out
-    other = {"images": 0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean()),                        # the paper's text
+    # default healthy set: the reference images (the paper's text), label -1; the input's cut +1
+    assert ld == pytest.approx(0.5 * ((d_ref + 1).abs().mean() + (d_cut - 1).abs().mean()).item(), rel=1e-5)
+    assert out["d_ref"].item() == pytest.approx(d_ref.mean().item(), rel=1e-5) and "d_ref_cut" not in out
+    other = {"cuts": 0.5 * ((d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()),             # the references' cuts alone
              "images+cuts": ((d_ref + 1).abs().mean() + (d_ref_cut + 1).abs().mean() + (d_cut - 1).abs().mean()) / 3}
     for hs, want_d in other.items():
         st_hs = _Step(m); ASCNetObjective(healthy_set=hs).train_step(m, {"image": x, "reference": r}, st_hs)

@@ -116,7 +116,7 @@ class ASCNetObjective(Objective):
     "ASC-Net: per batch a discriminator step (healthy -1, cut of the input +1, MAE) then a generator step (adversarial MAE + MSE + Dice)."
     def __init__(self, adv_weight: float = 1.0, rec_weight: float = 1.0, disjoint_weight: float = 1.0,
                  betas: tuple = (0.9, 0.999),       # Adam betas (Keras defaults)
-                 healthy_set: str = "cuts",         # D's label -1: "images" (the paper's text), "images+cuts" (the authors' code), "cuts" (I_n(r) only)
+                 healthy_set: str = "images",               # D's label -1: "images" (the paper's text), "images+cuts" (the authors' code), "cuts" (I_n(r) only)
                  ):
         if min(adv_weight, rec_weight, disjoint_weight) < 0: raise UADInputError("loss weights must be >= 0", (adv_weight, rec_weight, disjoint_weight))
         if healthy_set not in HEALTHY_SETS: raise UADInputError(f"healthy_set must be one of {HEALTHY_SETS}", healthy_set)
