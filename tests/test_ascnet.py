@@ -1,7 +1,8 @@
 """ASC-Net (Dey & Hong 2021): the disjointness Dice by hand (zeros counted as 1, as the paper's code), the label convention
-of both steps (the healthy set -1 in each of its three readings, the input's cut +1; the generator pushes its cut to -1) with the discriminator frozen in the generator
-step, the data pairing (every unknown slice kept, the reference cycled in a seeded order), the study-kit fit on the
-`val_anomalous` role (and its refusal without one), one engine epoch, the model protocol and both map sources."""
+of both steps (the healthy set -1 in each of its three readings, the input's cut +1; the generator pushes its cut to
+-1) with the discriminator frozen in the generator step, the data pairing (every unknown slice kept, the reference
+cycled in a seeded order), the study-kit fit on the `val_anomalous` role (and its refusal without one) with the spec's
+healthy set reaching the objective, one engine epoch, the model protocol and both map sources."""
 import contextlib
 import math
 from types import SimpleNamespace
@@ -52,6 +53,7 @@ def test_step_labels_and_frozen_discriminator():
         st_hs = _Step(m); ASCNetObjective(healthy_set=hs).train_step(m, {"image": x, "reference": r}, st_hs)
         assert st_hs.seen[0][1] == pytest.approx(want_d.item(), rel=1e-5), hs
     with pytest.raises(UADInputError, match="healthy_set"): ASCNetObjective(healthy_set="reference")
+    with pytest.raises(UADInputError, match="healthy_set"): ascnet_spec(healthy_set="reference", train_fn=None, train_config=None)
     want = (d_cut + 1).abs().mean() + (o["recon"] - x).square().mean() + disjoint_dice(o["cut_normal"], o["cut_anomaly"])
     assert lg == pytest.approx(want.item(), rel=1e-5)                                    # the generator's cut aims at -1
     assert all(p.requires_grad for p in m.discriminator.parameters())
@@ -70,8 +72,9 @@ def test_data_pairing():
 def _tc(cfg, **fixed): return TrainConfig(**{"epochs": 1, "batch_size": 4, "device": "cpu", **fixed})
 
 
-def test_fit_on_val_anomalous_and_protocol(tmp_path):
-    spec = ascnet_spec("smoke", train_fn=train_model, train_config=_tc)
+@pytest.mark.parametrize("healthy_set", ["images", "cuts"])
+def test_fit_on_val_anomalous_and_protocol(tmp_path, healthy_set):
+    spec = ascnet_spec("smoke", healthy_set=healthy_set, train_fn=train_model, train_config=_tc)
     cfg = SimpleNamespace(resolution=32, seed=0)
     torch.manual_seed(0); m = spec["build"](cfg)
     healthy, unknown = blob_slices(8, 32, seed=1), blob_slices(6, 32, seed=2)
@@ -87,6 +90,9 @@ def test_fit_on_val_anomalous_and_protocol(tmp_path):
     x = torch.from_numpy(unknown[:2])[:, None]
     assert check_model(m.eval(), x)["recon"] == (2, 1, 32, 32)
     assert "val_anomalous" in spec["describe"](cfg)["training_data"]
+    # the spec's healthy set reaches the training objective (its D outputs are logged) and the config record
+    assert ("train_d_ref_cut" in r, "train_d_ref" in r) == ((True, False) if healthy_set == "cuts" else (False, True))
+    assert spec["describe"](cfg)["discriminator_healthy_set"] == healthy_set
     with pytest.raises(UADInputError, match="val_anomalous"): spec["fit"](m, {"train": sets["train"], "val": sets["val"]}, cfg, tmp_path / "x", False, False)
 
 

@@ -116,7 +116,7 @@ class ASCNetObjective(Objective):
     "ASC-Net: per batch a discriminator step (healthy -1, cut of the input +1, MAE) then a generator step (adversarial MAE + MSE + Dice)."
     def __init__(self, adv_weight: float = 1.0, rec_weight: float = 1.0, disjoint_weight: float = 1.0,
                  betas: tuple = (0.9, 0.999),       # Adam betas (Keras defaults)
-                 healthy_set: str = "images",               # D's label -1: "images" (the paper's text), "images+cuts" (the authors' code), "cuts" (I_n(r) only)
+                 healthy_set: str = "images",       # D's label -1: "images" (the paper's text), "images+cuts" (the authors' code), "cuts" (I_n(r) only)
                  ):
         if min(adv_weight, rec_weight, disjoint_weight) < 0: raise UADInputError("loss weights must be >= 0", (adv_weight, rec_weight, disjoint_weight))
         if healthy_set not in HEALTHY_SETS: raise UADInputError(f"healthy_set must be one of {HEALTHY_SETS}", healthy_set)
@@ -176,7 +176,8 @@ ASCNET_PROFILES = {  # ASCNet widths and fixed TrainConfig fields per study prof
     "paper": dict(channels=(32, 64, 128, 256, 512), dropout=0.3, fixed={"lr": 5e-5, "weight_decay": 4e-4, "grad_clip": None}),
 }
 
-def ascnet_fit(profile: str = "smoke", unknown_role: str = "val_anomalous", *, train_fn: Callable, train_config: Callable) -> Callable:
+def ascnet_fit(profile: str = "smoke", unknown_role: str = "val_anomalous", healthy_set: str = "images", *,
+               train_fn: Callable, train_config: Callable) -> Callable:
     "A study kit `ModelSpec.fit`: reference = sets['train'], input = sets[unknown_role] (labels unread), val = sets['val']."
     fixed = ASCNET_PROFILES[profile]["fixed"]
     def fit(model, sets: dict, cfg, ckpt_dir, resume: bool, progress: bool) -> list[dict]:
@@ -184,19 +185,22 @@ def ascnet_fit(profile: str = "smoke", unknown_role: str = "val_anomalous", *, t
         tr = ascnet_data(sets["train"].slices, sets[unknown_role].slices, cfg.seed)
         val = {"image": np.asarray(sets["val"].slices), "reference": np.asarray(sets["val"].slices)} if len(sets["val"]) else None
         return train_fn(model, tr, val, train_config(cfg, **fixed), ckpt_dir, resume=resume, progress=progress,
-                        name=Path(ckpt_dir).name, objective=ASCNetObjective())
+                        name=Path(ckpt_dir).name, objective=ASCNetObjective(healthy_set=healthy_set))
     return fit
 
-def ascnet_spec(profile: str = "smoke", map_source: str = "cut", unknown_role: str = "val_anomalous", *,
-                train_fn: Callable, train_config: Callable) -> dict:
+def ascnet_spec(profile: str = "smoke", map_source: str = "cut", unknown_role: str = "val_anomalous",
+                healthy_set: str = "images",   # the discriminator's healthy set (`ASCNetObjective`)
+                *, train_fn: Callable, train_config: Callable) -> dict:
     "Keyword arguments of `study.ModelSpec` for ASC-Net: build, objective, fit, describe, row (the row names its data)."
     if profile not in ASCNET_PROFILES: raise UADInputError(f"profile must be one of {list(ASCNET_PROFILES)}", profile)
+    if healthy_set not in HEALTHY_SETS: raise UADInputError(f"healthy_set must be one of {HEALTHY_SETS}", healthy_set)
+    objective = lambda cfg: ASCNetObjective(healthy_set=healthy_set)
     p = ASCNET_PROFILES[profile]
     build = lambda cfg: ASCNet(cfg.resolution, p["channels"], dropout=p["dropout"], map_source=map_source)
     data = f"reference: healthy train slices; input: {unknown_role} slices (image-level weak supervision, voxel labels unread)"
     def describe(cfg) -> dict:
         return {"family": "ascnet", **{k: v for k, v in p.items() if k != "fixed"}, "fixed": p["fixed"], "map_source": map_source,
-                "discriminator_healthy_set": ASCNetObjective().healthy_set, "training_data": data, "parameters": sum(t.numel() for t in build(cfg).parameters())}
-    return {"build": build, "objective": lambda cfg: ASCNetObjective(), "describe": describe,
-            "fit": ascnet_fit(profile, unknown_role, train_fn=train_fn, train_config=train_config),
+                "discriminator_healthy_set": healthy_set, "training_data": data, "parameters": sum(t.numel() for t in build(cfg).parameters())}
+    return {"build": build, "objective": objective, "describe": describe,
+            "fit": ascnet_fit(profile, unknown_role, healthy_set, train_fn=train_fn, train_config=train_config),
             "row": {"family": "ascnet", "paper_model": "ASC-Net (Dey & Hong 2021)", "training_data": data}}
